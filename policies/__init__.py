@@ -1,0 +1,55 @@
+"""Timestep policies, one file per family, each readable as its paper's method.
+
+``policies.load(name_or_path, **options)`` builds a registered policy by name (e.g.
+``"synchronous"``, ``"asyndm"``, ``"asyndm:piecewise_linear"``) or restores an exported one
+from a directory holding ``config.json`` (+ ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from policies.synchronous import Synchronous
+from tpm.policy import Policy, PolicyError, read_policy_config, registered_policies
+
+# Named presets: name -> (registered policy, options). "name:variant" picks a schedule variant.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "synchronous": ("synchronous", {}),
+}
+
+
+def available() -> list[str]:
+    """Every name :func:`load` accepts (besides directories)."""
+    return sorted(set(PRESETS) | set(registered_policies()))
+
+
+def load(name_or_path: str | os.PathLike, **options) -> Policy:
+    """A policy by registered name / preset, or from an exported directory."""
+    key = str(name_or_path)
+    if os.path.isdir(key) or os.sep in key or key.startswith("."):
+        cfg = read_policy_config(key)
+        cls = registered_policies().get(cfg["policy"])
+        if cls is None:
+            raise PolicyError(f"{key} holds policy {cfg['policy']!r}, which is not registered; known: {available()}")
+        policy = cls.from_pretrained(key)
+        if options:
+            raise PolicyError("options cannot be combined with a saved policy directory; edit its config.json")
+        return policy
+    base, _, variant = key.partition(":")
+    if base in PRESETS:
+        reg, preset = PRESETS[base]
+        opts = dict(preset)
+        if variant:
+            opts.update(_variant_options(base, variant))
+        opts.update(options)
+        return registered_policies()[reg](**opts)
+    if key in registered_policies():
+        return registered_policies()[key](**options)
+    raise PolicyError(f"unknown policy {key!r}; valid names: {available()} or a policy directory")
+
+
+def _variant_options(base: str, variant: str) -> dict:
+    raise PolicyError(f"policy {base!r} has no variant {variant!r}")
+
+
+__all__ = ["Policy", "PolicyError", "Synchronous", "available", "load"]

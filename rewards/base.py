@@ -1,0 +1,229 @@
+"""The reward contract and registry.
+
+A reward model maps a batch of images and their prompts to one float score per image:
+``scores = reward(images, prompts)``. Images are PIL images or float tensors in [0, 1]
+((N, 3, H, W) or a list of (3, H, W)). Scores come back as a float32 CPU tensor of shape (N,).
+Heavy models load lazily on first call, on the device and dtype given at construction, and
+score in internal batches of ``batch_size``. Names map to classes in an explicit registry:
+``rewards.load("hpsv2", **options)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+_REWARDS: dict[str, type[RewardModel]] = {}
+
+ImageBatch = torch.Tensor | Sequence[Image.Image] | Sequence[torch.Tensor]
+
+
+class RewardError(ValueError):
+    """A user-facing problem with a reward: bad input, missing weights, NaN score."""
+
+
+def register_reward(name: str):
+    def deco(cls: type[RewardModel]) -> type[RewardModel]:
+        if name in _REWARDS and _REWARDS[name] is not cls:
+            raise RewardError(f"reward name {name!r} is registered twice")
+        cls.name = name
+        _REWARDS[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_rewards() -> dict[str, type[RewardModel]]:
+    return dict(_REWARDS)
+
+
+def load(name: str, **options) -> RewardModel:
+    """Build the reward registered as ``name`` with its options (nothing is loaded yet)."""
+    if name not in _REWARDS:
+        raise RewardError(f"unknown reward {name!r}; known rewards: {sorted(_REWARDS)}")
+    return _REWARDS[name](**options)
+
+
+def to_pixels(images: ImageBatch) -> torch.Tensor:
+    """Images -> float32 tensor (N, 3, H, W) in [0, 1]. All images must share one size."""
+    if isinstance(images, torch.Tensor):
+        t = images
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise RewardError(f"image tensor must be (N, 3, H, W), got {tuple(images.shape)}")
+        return t.detach().float().cpu().clamp(0, 1)
+    out = []
+    for i, im in enumerate(images):
+        if isinstance(im, Image.Image):
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            out.append(torch.from_numpy(arr).permute(2, 0, 1))
+        elif isinstance(im, torch.Tensor) and im.ndim == 3 and im.shape[0] == 3:
+            out.append(im.detach().float().cpu().clamp(0, 1))
+        else:
+            raise RewardError(f"image {i} is {type(im).__name__}; expected a PIL image or a (3, H, W) tensor")
+    if not out:
+        return torch.zeros(0, 3, 1, 1)
+    sizes = {tuple(t.shape) for t in out}
+    if len(sizes) > 1:
+        raise RewardError(f"images have different sizes {sorted(sizes)}; resize them to one size first")
+    return torch.stack(out)
+
+
+class RewardModel(abc.ABC):
+    """Base class: subclasses implement :meth:`_load` and :meth:`_score`."""
+
+    name: ClassVar[str] = ""
+    # Scores are higher-is-better for every registered reward.
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+                 batch_size: int = 16):
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if batch_size < 1:
+            raise RewardError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self._loaded = False
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self._load()
+            self._loaded = True
+
+    @abc.abstractmethod
+    def _load(self) -> None:
+        """Load weights (once). Raise :class:`RewardError` naming the file if it is missing."""
+
+    @abc.abstractmethod
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Score one internal batch: pixels (n, 3, H, W) float32 in [0, 1] on CPU -> (n,)."""
+
+    @torch.no_grad()
+    def __call__(self, images: ImageBatch, prompts: Sequence[str] | str) -> torch.Tensor:
+        scores = self.raw_scores(images, prompts)
+        check_finite(scores, self.name)
+        return scores
+
+    @torch.no_grad()
+    def raw_scores(self, images: ImageBatch, prompts: Sequence[str] | str) -> torch.Tensor:
+        """Like calling the reward, but non-finite scores are returned instead of raising.
+
+        The remote server uses this so that the client, which sees the whole batch, reports a NaN
+        with its index in the caller's batch rather than in one of the server's chunks.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        pixels = to_pixels(images)
+        if pixels.shape[0] != len(prompts):
+            raise RewardError(
+                f"{self.name}: got {pixels.shape[0]} images but {len(prompts)} prompts; "
+                "pass one prompt per image"
+            )
+        if not prompts:
+            return torch.zeros(0)
+        self._ensure_loaded()
+        scores = []
+        for s in range(0, len(prompts), self.batch_size):
+            out = self._score(pixels[s:s + self.batch_size], prompts[s:s + self.batch_size])
+            out = out.detach().float().cpu().reshape(-1)
+            if out.numel() != len(prompts[s:s + self.batch_size]):
+                raise RewardError(
+                    f"reward {self.name!r} returned {out.numel()} scores for a batch of "
+                    f"{len(prompts[s:s + self.batch_size])} images; its _score must return one per image"
+                )
+            scores.append(out)
+        return torch.cat(scores)
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Move a float input to the reward's device and dtype."""
+        return x.to(device=self.device, dtype=self.dtype)
+
+
+def check_finite(scores: torch.Tensor, name: str) -> None:
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(
+            f"reward {name!r} returned non-finite scores for images {bad} "
+            f"(values {[float(scores[i]) for i in bad][:8]}); check those images and prompts"
+        )
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers for scorers: tensor preprocessing (exact under batching, unlike per-image PIL
+# transforms) and weight resolution with one clear error when a file is missing.
+
+
+def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of the shorter side to ``size`` (antialiased), then a central ``size`` crop.
+
+    The tensor version of the CLIP-family eval transform (Resize(size) + CenterCrop(size));
+    clamped to [0, 1] as the PIL route would be after 8-bit conversion.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    if min(pixels.shape[-2:]) != size:
+        pixels = TF.resize(pixels, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    if tuple(pixels.shape[-2:]) != (size, size):
+        pixels = TF.center_crop(pixels, [size, size])
+    return pixels.clamp(0, 1)
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Per-channel ``(x - mean) / std`` for (N, 3, H, W)."""
+    m = torch.as_tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels - m) / s
+
+
+def resolve_file(source: str, filename: str, what: str, option: str) -> str:
+    """Find ``filename`` for reward ``what``: a file path, a folder holding it, or a hub repo id.
+
+    Hub downloads go through ``huggingface_hub.hf_hub_download`` and so honour HF_HOME,
+    HF_HUB_CACHE and HF_HUB_OFFLINE. Any failure becomes one :class:`RewardError` naming the file,
+    the repo and the option that takes a local path.
+    """
+    import os
+
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        if os.path.isfile(path):
+            return path
+        raise RewardError(
+            f"{what}: {filename!r} is not in folder {source!r}; put the file there or pass its path as "
+            f"{option}=/path/to/{filename}"
+        )
+    looks_like_path = source.startswith((".", "/", "~")) or source.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path or source.count("/") != 1:
+        raise RewardError(
+            f"{what}: weights file {source!r} does not exist; pass {option}= a local path to {filename} "
+            "or a hub repo id that holds it"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(source, filename)
+    except Exception as e:  # every hub failure (offline, missing repo/file, network) means the same to the user
+        raise RewardError(
+            f"{what}: could not find {filename!r} of hub repo {source!r} in the local cache and could not "
+            f"download it ({type(e).__name__}). Download it where the hub is reachable "
+            f"(`hf download {source} {filename}`, cache under $HF_HOME) or pass the local file as "
+            f"{option}=/path/to/{filename}"
+        ) from None
+
+
+def hub_error(what: str, source: str, option: str, err: Exception) -> RewardError:
+    """The one error for a model that ``from_pretrained`` could not find (local folder or hub id)."""
+    return RewardError(
+        f"{what}: could not load {source!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+        f"Pass {option}= a local folder saved with save_pretrained, or download the hub id where the hub is "
+        f"reachable (`hf download {source}`, cache under $HF_HOME); HF_HUB_OFFLINE=1 uses the cache only"
+    )

@@ -1,0 +1,210 @@
+"""What every backbone adapter offers the sampler.
+
+An adapter wraps an ordinary diffusers pipeline and reuses its parts: the pipeline's own
+``encode_prompt``, ``prepare_latents``, scheduler set-up and VAE decode, and the transformer's
+own submodules for a forward pass that takes a per-token time field. Nothing is copied, so LoRA
+adapters, attention processors and offloading hooks keep working.
+
+Layouts: "native" latents are what the pipeline's denoising loop holds (Flux: packed tokens
+(B, N, 4C); SD3: (B, C, H/8, W/8)). Fields are (B, h, w) on the token grid; ``tau`` is in
+[0, 1], 1 = noise.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class BackboneError(ValueError):
+    """A user-facing problem with a pipeline or its arguments."""
+
+
+@dataclass
+class Conditioning:
+    """Prompt embeddings and guidance settings for one batch (built by :meth:`Backbone.encode`)."""
+
+    prompts: list[str]
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    guidance_scale: float
+    do_cfg: bool
+    negative_embeds: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
+class Prediction:
+    velocity: torch.Tensor  # native layout, guided
+    attention: torch.Tensor | None = None  # (B, n_text, h, w) text->image maps of the conditional branch
+
+
+class Backbone(abc.ABC):
+    """Adapter base class; one subclass per pipeline family."""
+
+    #: pipeline classes this adapter accepts (checked with isinstance)
+    pipeline_classes: tuple[type, ...] = ()
+
+    def __init__(self, pipe, time_resolution: float | None = None):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.time_resolution = time_resolution
+
+    # ---- defaults -------------------------------------------------------------------------
+    def call_default(self, name: str):
+        """The default of ``pipe.__call__``'s argument ``name``, or the pipeline's ``tpm_defaults``.
+
+        Pipelines built for the testbed carry a ``tpm_defaults`` dict (e.g. a short
+        ``max_sequence_length``) because diffusers pipelines cannot store call defaults.
+        """
+        extra = getattr(self.pipe, "tpm_defaults", None) or {}
+        if name in extra:
+            return extra[name]
+        param = inspect.signature(self.pipe.__call__).parameters.get(name)
+        return None if param is None else param.default
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def token_size(self) -> int:
+        """Image pixels per token side (VAE factor x patch size)."""
+
+    def resolve_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        h = height or self.call_default("height") or self.default_size()
+        w = width or self.call_default("width") or self.default_size()
+        ts = self.token_size
+        if h % ts or w % ts:
+            raise BackboneError(
+                f"height and width must be divisible by {ts} for {type(self.pipe).__name__} "
+                f"(VAE factor x patch size); got {h}x{w}"
+            )
+        return h, w
+
+    @abc.abstractmethod
+    def default_size(self) -> int: ...
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.token_size, width // self.token_size
+
+    @abc.abstractmethod
+    def to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Native latents -> (B, N, C_tok), tokens in row-major grid order."""
+
+    @abc.abstractmethod
+    def from_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Inverse of :meth:`to_tokens`."""
+
+    @abc.abstractmethod
+    def expand_field(self, field: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) field -> a tensor that broadcasts against native latents."""
+
+    # ---- pipeline steps -------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, prompts: list[str], guidance_scale: float, negative_prompt: list[str] | None = None,
+               max_sequence_length: int | None = None, **kwargs) -> Conditioning: ...
+
+    @abc.abstractmethod
+    def prepare_latents(self, batch_size: int, height: int, width: int, generator=None,
+                        latents: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def set_timesteps(self, num_inference_steps: int, latents: torch.Tensor, sigmas=None):
+        """Run the scheduler set-up the pipeline runs; return (sigmas (K+1,), timesteps (K,))."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = self.pipe.scheduler
+        if not isinstance(sched, FlowMatchEulerDiscreteScheduler):
+            raise BackboneError(
+                f"tpm samples with flow-matching Euler per token; the pipeline's scheduler is "
+                f"{type(sched).__name__}. Use FlowMatchEulerDiscreteScheduler "
+                "(`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`)"
+            )
+        if sched.config.get("stochastic_sampling", False):
+            raise BackboneError("stochastic_sampling=True schedulers are not supported by tpm.sample")
+        if num_inference_steps < 1:
+            raise BackboneError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        timesteps = self._set_timesteps(num_inference_steps, latents, sigmas)
+        return sched.sigmas.to(torch.float32), timesteps
+
+    @abc.abstractmethod
+    def _set_timesteps(self, num_inference_steps: int, latents: torch.Tensor, sigmas) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def predict(self, latents: torch.Tensor, tau: torch.Tensor, cond: Conditioning,
+                attention_layers: list[int] | None = None) -> Prediction:
+        """Guided velocity at a per-token time field ``tau`` (B, h, w)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor, height: int, width: int, output_type: str): ...
+
+    @property
+    @abc.abstractmethod
+    def num_attention_layers(self) -> int:
+        """How many joint-attention layers can be captured (indices 0..n-1)."""
+
+    # ---- text ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def text_words(self, prompts: list[str], max_sequence_length: int) -> list[list[int]]:
+        """For each prompt, the whitespace-word index of every text position of the joint
+        sequence (-1 for special/padding tokens)."""
+
+
+def word_index_of_tokens(tokenizer, prompt: str, length: int) -> list[int]:
+    """Map each token position of ``tokenizer(prompt, padding="max_length")`` to a word index.
+
+    Words are whitespace-separated and lower-cased; punctuation stuck to a word belongs to it.
+    Fast tokenizers give character offsets; for slow ones we tokenize word by word and match.
+    """
+    words = prompt.split()
+    starts, pos = [], 0
+    for w in words:
+        pos = prompt.index(w, pos)
+        starts.append((pos, pos + len(w)))
+        pos += len(w)
+    result = [-1] * length
+    try:
+        enc = tokenizer(prompt, padding="max_length", max_length=length, truncation=True,
+                        return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        ids = enc["input_ids"]
+        special = set(getattr(tokenizer, "all_special_ids", []))
+        for i, ((a, b), tid) in enumerate(zip(offsets, ids)):
+            if i >= length or tid in special or b <= a:
+                continue
+            for wi, (ws, we) in enumerate(starts):
+                if a < we and b > ws:
+                    result[i] = wi
+                    break
+        return result
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        pass
+    # Slow tokenizer: find each word's token ids as a subsequence of the prompt's ids.
+    ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True)["input_ids"]
+    cursor = 0
+    for wi, w in enumerate(words):
+        wid = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if not wid:
+            continue
+        for s in range(cursor, len(ids) - len(wid) + 1):
+            if ids[s:s + len(wid)] == wid:
+                for j in range(s, s + len(wid)):
+                    result[j] = wi
+                cursor = s + len(wid)
+                break
+    return result

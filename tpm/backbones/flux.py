@@ -1,0 +1,269 @@
+"""Flux (``FluxPipeline`` / ``FluxTransformer2DModel``) with a per-token time field.
+
+Joint attention orders tokens text-then-image, with rotary embeddings, dual-stream blocks
+followed by single-stream blocks over the concatenation. Time enters through ``temb`` =
+time(-guidance)-text embedding, and every block's AdaLN modulation; :mod:`.modulation` makes it
+per token. Text tokens are conditioned on the mean image time of their sample.
+
+Guidance follows the pipeline: the guidance embedding when the transformer has one (FLUX.1-dev),
+and "true" CFG (a second pass with the negative prompt) when ``true_cfg_scale > 1`` and a
+negative prompt is given, exactly as ``FluxPipeline.__call__`` does.
+
+Capturable attention layers are numbered over dual-stream blocks first, then single-stream ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
+from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
+from tpm.backbones.modulation import TokenTime, build_token_time, modulate
+
+
+def _flux_qkv(attn, x, ctx=None):
+    """Projections as FluxAttnProcessor computes them, returned as (B, H, L, d), text first."""
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    q = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim)))
+    k = attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
+    v = v.unflatten(-1, (-1, attn.head_dim))
+    if ctx is not None:
+        if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+            cq, ck, cv = attn.to_added_qkv(ctx).chunk(3, dim=-1)
+        else:
+            cq, ck, cv = attn.add_q_proj(ctx), attn.add_k_proj(ctx), attn.add_v_proj(ctx)
+        cq = attn.norm_added_q(cq.unflatten(-1, (-1, attn.head_dim)))
+        ck = attn.norm_added_k(ck.unflatten(-1, (-1, attn.head_dim)))
+        cv = cv.unflatten(-1, (-1, attn.head_dim))
+        q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
+    return q, k, v
+
+
+def _flux_attention_captured(attn, x, ctx, rotary, n_txt: int, recorder: AttentionRecorder):
+    """The Flux joint attention with text->image probabilities recorded (our own processor)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    q, k, v = _flux_qkv(attn, x, ctx)
+    if rotary is not None:
+        q = apply_rotary_emb(q, rotary, sequence_dim=1)
+        k = apply_rotary_emb(k, rotary, sequence_dim=1)
+    out, probs = attention_with_text_probs(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        img=slice(n_txt, None), txt=slice(0, n_txt),
+    )
+    recorder.add(probs)
+    out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+    if ctx is None:
+        return out
+    c_out, out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
+    out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+    return out, attn.to_add_out(c_out.contiguous())
+
+
+def _dual_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: AttentionRecorder):
+    """FluxTransformerBlock.forward with per-token modulation for the image stream."""
+    e = tt.image_rows(tt.project(block.norm1.linear, block.norm1.silu))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = e.chunk(6, dim=-1)
+    c = tt.text_rows(tt.project(block.norm1_context.linear, block.norm1_context.silu))
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c.chunk(6, dim=-1)
+    nx = modulate(block.norm1.norm(x), shift_msa, scale_msa)
+    nctx = modulate(block.norm1_context.norm(ctx), c_shift_msa, c_scale_msa)
+    if rec.wants(layer):
+        attn_out, ctx_attn_out = _flux_attention_captured(block.attn, nx, nctx, rotary, ctx.shape[1], rec)
+    else:
+        outs = block.attn(hidden_states=nx, encoder_hidden_states=nctx, image_rotary_emb=rotary)
+        attn_out, ctx_attn_out = outs[0], outs[1]
+    x = x + gate_msa * attn_out
+    x = x + gate_mlp * block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp))
+    ctx = ctx + c_gate_msa * ctx_attn_out
+    ctx = ctx + c_gate_mlp * block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
+    if ctx.dtype == torch.float16:
+        ctx = ctx.clip(-65504, 65504)
+    return x, ctx
+
+
+def _single_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: AttentionRecorder):
+    """FluxSingleTransformerBlock.forward with per-token modulation (text rows first)."""
+    n_txt = ctx.shape[1]
+    emb = tt.project(block.norm.linear, block.norm.silu)
+    e_img, e_txt = tt.image_rows(emb), tt.text_rows(emb)
+    h = torch.cat([ctx, x], dim=1)
+    # Each chunk as (B, L, D) or (B, 1, D) for text and image parts; concatenated per token.
+    chunks = []
+    for ci, ct in zip(e_img.chunk(3, dim=-1), e_txt.chunk(3, dim=-1)):
+        if tt.uniform:
+            chunks.append(ct)  # identical rows: broadcast like the stock block
+        else:
+            chunks.append(torch.cat([ct.expand(-1, n_txt, -1), ci], dim=1))
+    shift, scale, gate = chunks
+    nh = modulate(block.norm.norm(h), shift, scale)
+    mlp = block.act_mlp(block.proj_mlp(nh))
+    if rec.wants(layer):
+        attn_out = _flux_attention_captured(block.attn, nh, None, rotary, n_txt, rec)
+    else:
+        attn_out = block.attn(hidden_states=nh, image_rotary_emb=rotary)
+    h = h + gate * block.proj_out(torch.cat([attn_out, mlp], dim=2))
+    if h.dtype == torch.float16:
+        h = h.clip(-65504, 65504)
+    return h[:, n_txt:], h[:, :n_txt]
+
+
+def flux_transformer_forward(
+    transformer,
+    hidden_states: torch.Tensor,
+    tau: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+    guidance: torch.Tensor | None = None,
+    attention_layers: list[int] | None = None,
+    grid: tuple[int, int] | None = None,
+    time_resolution: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``FluxTransformer2DModel.forward`` with a per-token time ``tau`` (B, N) in [0, 1].
+
+    Equals the stock forward (given ``timestep = tau``) when every sample's field is uniform.
+    Returns the model output (B, N, C) and, if layers were requested, the text->image maps
+    (B, n_text, h, w) averaged over heads and the requested layers.
+    """
+    tr = transformer
+    x = tr.x_embedder(hidden_states)
+    t = tau.to(x.dtype) * 1000
+    g = None if guidance is None else guidance.to(x.dtype) * 1000
+
+    def embed(times, idx):
+        if g is None:
+            return tr.time_text_embed(times, pooled_projections[idx])
+        return tr.time_text_embed(times, g[idx], pooled_projections[idx])
+
+    tt = build_token_time(t, embed, None if time_resolution is None else time_resolution * 1000)
+    ctx = tr.context_embedder(encoder_hidden_states)
+    rotary = tr.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+    rec = AttentionRecorder(attention_layers)
+    n_dual = len(tr.transformer_blocks)
+    for i, block in enumerate(tr.transformer_blocks):
+        x, ctx = _dual_block(block, x, ctx, tt, rotary, i, rec)
+    for i, block in enumerate(tr.single_transformer_blocks):
+        x, ctx = _single_block(block, x, ctx, tt, rotary, n_dual + i, rec)
+    # norm_out is AdaLayerNormContinuous: chunk order (scale, shift).
+    no = tr.norm_out
+    emb = tt.image_rows(no.linear(no.silu(tt.table).to(x.dtype)))
+    scale, shift = emb.chunk(2, dim=-1)
+    x = modulate(no.norm(x), shift, scale)
+    out = tr.proj_out(x)
+    return out, (rec.result(grid) if grid is not None else None)
+
+
+class FluxBackbone(Backbone):
+    """Adapter for ``diffusers.FluxPipeline``."""
+
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        from diffusers import FluxPipeline
+
+        return isinstance(pipe, FluxPipeline)
+
+    @property
+    def token_size(self) -> int:
+        return self.pipe.vae_scale_factor * 2
+
+    def default_size(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def num_attention_layers(self) -> int:
+        return len(self.transformer.transformer_blocks) + len(self.transformer.single_transformer_blocks)
+
+    def to_tokens(self, latents):
+        return latents
+
+    def from_tokens(self, tokens, grid):
+        return tokens
+
+    def expand_field(self, field):
+        return field.reshape(field.shape[0], -1, 1)
+
+    def encode(self, prompts, guidance_scale, negative_prompt=None, max_sequence_length=None,
+               true_cfg_scale: float = 1.0, **kwargs) -> Conditioning:
+        msl = max_sequence_length or self.call_default("max_sequence_length")
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1, max_sequence_length=msl
+        )
+        cond = Conditioning(prompts=list(prompts), embeds=embeds, pooled=pooled, guidance_scale=guidance_scale,
+                            do_cfg=False, extras={"text_ids": text_ids, "max_sequence_length": msl})
+        if true_cfg_scale > 1 and negative_prompt is not None:
+            n_embeds, n_pooled, n_ids = self.pipe.encode_prompt(
+                prompt=negative_prompt, prompt_2=None, device=self.device, num_images_per_prompt=1,
+                max_sequence_length=msl,
+            )
+            cond.do_cfg = True
+            cond.negative_embeds, cond.negative_pooled = n_embeds, n_pooled
+            cond.extras.update(negative_text_ids=n_ids, true_cfg_scale=true_cfg_scale)
+        if self.transformer.config.guidance_embeds:
+            g = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32)
+            cond.extras["guidance"] = g.expand(embeds.shape[0])
+        return cond
+
+    def prepare_latents(self, batch_size, height, width, generator=None, latents=None):
+        channels = self.transformer.config.in_channels // 4
+        lat, _ = self.pipe.prepare_latents(
+            batch_size, channels, height, width, self.dtype, self.device, generator, latents
+        )
+        return lat
+
+    def _set_timesteps(self, num_inference_steps, latents, sigmas):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        sched = self.pipe.scheduler
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if sched.config.get("use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            latents.shape[1],
+            sched.config.get("base_image_seq_len", 256),
+            sched.config.get("max_image_seq_len", 4096),
+            sched.config.get("base_shift", 0.5),
+            sched.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(sched, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+        return timesteps
+
+    def _forward(self, latents, tau_tokens, embeds, pooled, text_ids, guidance, layers, grid):
+        # Position ids of the packed image tokens, as FluxPipeline.prepare_latents makes them.
+        img_ids = self.pipe._prepare_latent_image_ids(latents.shape[0], grid[0], grid[1], latents.device,
+                                                      latents.dtype)
+        return flux_transformer_forward(
+            self.transformer, latents, tau_tokens, embeds, pooled, img_ids, text_ids,
+            guidance=guidance, attention_layers=layers, grid=grid, time_resolution=self.time_resolution,
+        )
+
+    def predict(self, latents, tau, cond, attention_layers=None) -> Prediction:
+        grid = tuple(tau.shape[1:])
+        tau_tokens = tau.reshape(tau.shape[0], -1)
+        guidance = cond.extras.get("guidance")
+        v, attn = self._forward(latents, tau_tokens, cond.embeds, cond.pooled, cond.extras["text_ids"],
+                                guidance, attention_layers, grid)
+        if cond.do_cfg:
+            v_neg, _ = self._forward(latents, tau_tokens, cond.negative_embeds, cond.negative_pooled,
+                                     cond.extras["negative_text_ids"], guidance, None, grid)
+            v = v_neg + cond.extras["true_cfg_scale"] * (v - v_neg)
+        return Prediction(v, attn)
+
+    def decode(self, latents, height, width, output_type):
+        if output_type == "latent":
+            return latents
+        pipe = self.pipe
+        lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        lat = (lat / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+    def text_words(self, prompts, max_sequence_length):
+        # The joint text sequence is the T5 sequence (tokenizer_2).
+        return [word_index_of_tokens(self.pipe.tokenizer_2, p, max_sequence_length) for p in prompts]

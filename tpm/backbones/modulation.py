@@ -1,0 +1,107 @@
+"""Per-token AdaLN modulation computed once per distinct time.
+
+SD3 and Flux inject time outside attention: ``temb`` (one row per sample) goes through every
+block's AdaLN ``linear(silu(temb))`` and the resulting shift/scale/gate broadcast over tokens
+(AsynDM §3.1; AsyncPatch App. E: per-token time only changes this broadcast). For a time *field*
+we need one modulation row per token. Computing ``linear(silu(.))`` per token costs a D->kD
+matmul per token (ENV.md: +50 % per block), so :class:`TokenTime` keeps a table of the distinct
+(sample, time) pairs, runs the AdaLN projections on the table only, and gathers rows per token.
+
+When every sample's field is uniform and its text tokens share that time, the table has exactly
+one row per sample and no gather happens: the arithmetic is then the stock forward's.
+
+Text tokens get one time per sample: the mean of that sample's image-token times (for a uniform
+field, the field's value). Optional quantisation (``resolution``) rounds image times to
+multiples of ``resolution`` before the distinct values are found, bounding the table size for
+fields with many distinct values; it is off by default (exact times).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TokenTime:
+    """Time embeddings for the image tokens (B, N) and the text tokens (one per sample).
+
+    ``table``: (P, D) time(-text) embeddings of the distinct (sample, time) pairs.
+    ``img_index``: (B, N) row of ``table`` for each image token, or ``None`` when uniform
+    (row b for every token of sample b). ``txt_index``: (B,) row for each sample's text tokens,
+    or ``None`` when uniform.
+    """
+
+    table: torch.Tensor
+    img_index: torch.Tensor | None
+    txt_index: torch.Tensor | None
+
+    @property
+    def uniform(self) -> bool:
+        return self.img_index is None
+
+    @property
+    def num_distinct(self) -> int:
+        return self.table.shape[0]
+
+    def project(self, linear: nn.Module, silu: nn.Module | None = None) -> torch.Tensor:
+        """``linear(silu(table))``: the AdaLN projection, once per distinct row -> (P, kD)."""
+        x = self.table if silu is None else silu(self.table)
+        return linear(x)
+
+    def image_rows(self, emb: torch.Tensor) -> torch.Tensor:
+        """(P, kD) -> (B, N, kD), or (B, 1, kD) when uniform (broadcasts like the stock path)."""
+        if self.img_index is None:
+            return emb[:, None]
+        return emb[self.img_index]
+
+    def text_rows(self, emb: torch.Tensor) -> torch.Tensor:
+        """(P, kD) -> (B, 1, kD): one modulation row per sample for its text tokens."""
+        if self.txt_index is None:
+            return emb[:, None]
+        return emb[self.txt_index][:, None]
+
+
+def text_time(tau_img: torch.Tensor) -> torch.Tensor:
+    """The time the text tokens are conditioned on: the mean image-token time per sample."""
+    return tau_img.float().mean(dim=1).to(tau_img.dtype)
+
+
+def build_token_time(
+    tau_img: torch.Tensor,
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    resolution: float | None = None,
+) -> TokenTime:
+    """Build the distinct-time table.
+
+    Args:
+        tau_img: (B, N) conditioning time of every image token, in the model's own time units.
+        embed: ``embed(times (P,), sample_index (P,)) -> (P, D)``, the model's time(-text)
+            embedding for each pair (it reads the sample's pooled text / guidance by index).
+        resolution: if given, image times are rounded to multiples of it first.
+    """
+    if resolution is not None:
+        tau_img = torch.round(tau_img / resolution) * resolution
+    bsz, n = tau_img.shape
+    first = tau_img[:, :1]
+    if bool((tau_img == first).all()):
+        # Uniform field: text tokens get the same time, exactly (a float mean could differ by an ulp).
+        idx = torch.arange(bsz, device=tau_img.device)
+        return TokenTime(embed(first[:, 0], idx), None, None)
+    txt = text_time(tau_img)
+    sample = torch.arange(bsz, device=tau_img.device)
+    pairs_b = torch.cat([sample.repeat_interleave(n), sample])
+    pairs_t = torch.cat([tau_img.reshape(-1), txt])
+    # Unique over (sample, time) pairs, exact on the float values.
+    keys = torch.stack([pairs_b.to(torch.float64), pairs_t.to(torch.float64)], dim=1)
+    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    table = embed(uniq[:, 1].to(tau_img.dtype), uniq[:, 0].long())
+    return TokenTime(table, inverse[: bsz * n].view(bsz, n), inverse[bsz * n:])
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN: ``x * (1 + scale) + shift`` with (B, N|1, D) shift/scale."""
+    return x * (1 + scale) + shift

@@ -1,0 +1,232 @@
+"""The policy interface: what a timestep policy sees, what it returns, how it is saved.
+
+Notation (``SPEC.md`` §1, flow-matching convention): a token's noise time ``tau`` lies in
+[0, 1], 1 = pure noise, 0 = clean. A *field* is a tensor of shape (B, h, w) on the backbone's
+token grid. At step k of K the sampler holds the latents ``x_k`` and the update field
+``tau_k``; a policy maps the :class:`State` to an :class:`Action`:
+
+- ``tau_next``: the update field after this step (where each token will be);
+- ``tau_cond``: the conditioning field the denoiser is queried at (``None`` means ``tau_k``);
+- ``log_prob``: for stochastic policies, the log-probability of the action (GRPO needs it).
+
+Every policy is an ``nn.Module`` (most hold no weights) with a config dataclass. It saves to a
+directory as ``config.json`` (+ ``model.safetensors`` when it has weights) and loads with
+``from_pretrained``; ``policies.load(name_or_path)`` restores any registered policy. We do not
+use diffusers' ``ConfigMixin`` here because most policies carry tensors-free configs with
+nested values (lists, None, strings chosen from a registry) that read best as a dataclass, and
+because loading must fail with a message that names the policy registry, not a missing class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_POLICIES: dict[str, type[Policy]] = {}
+
+
+class PolicyError(ValueError):
+    """A user-facing problem with a policy name, directory or argument."""
+
+
+@dataclass
+class State:
+    """What the sampler knows at the start of step ``k`` (before the backbone is queried).
+
+    Shapes: B samples, token grid (h, w), N = h*w tokens, C_tok channels per token.
+    ``velocity``, ``x0`` and ``attention`` come from the *previous* backbone call (step k-1);
+    they are ``None`` at k = 0. AsynDM's Algorithm 1 uses exactly this order: the mask for
+    step i's transition comes from the attention of step i-1.
+    """
+
+    step: int
+    num_steps: int
+    sigmas: torch.Tensor  # (K+1,) the synchronous grid the scheduler would use, sigmas[K] = 0
+    tau: torch.Tensor  # (B, h, w) update field at step k
+    latents: torch.Tensor  # (B, N, C_tok) current latent tokens x_k
+    grid: tuple[int, int]  # (h, w)
+    prompts: list[str]
+    velocity: torch.Tensor | None = None  # (B, N, C_tok) guided model output of the previous step
+    x0: torch.Tensor | None = None  # (B, N, C_tok) clean estimate x - tau_cond * v of the previous step
+    attention: torch.Tensor | None = None  # (B, n_text, h, w) text->image attention of the previous step
+    text_words: list[list[int]] | None = None  # per prompt: word index of each text position (-1: none)
+    memory: dict[str, Any] = field(default_factory=dict)  # per-run scratch space owned by the policy
+
+    @property
+    def batch_size(self) -> int:
+        return self.tau.shape[0]
+
+
+@dataclass
+class Action:
+    tau_next: torch.Tensor  # (B, h, w)
+    tau_cond: torch.Tensor | None = None  # (B, h, w); None = query at tau_k
+    mask: torch.Tensor | None = None  # (B, h, w) bool, for plots/trajectories
+    log_prob: torch.Tensor | None = None  # (B,) for stochastic policies
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # what a trainer stores to replay
+
+
+@dataclass
+class RunContext:
+    """Handed to :meth:`Policy.begin` once per sampling run.
+
+    ``reference_run`` samples synchronously from the same noise with attention captured from
+    the given layers and returns the :class:`tpm.sampler.Trajectory`; policies that need a
+    reference run (AsynDM's fixed mask) call it, others ignore it.
+    """
+
+    batch_size: int
+    grid: tuple[int, int]
+    num_steps: int
+    prompts: list[str]
+    num_attention_layers: int
+    reference_run: Callable[[list[int] | None], Any] | None = None
+
+
+def register_policy(name: str):
+    """Class decorator: make a policy loadable by ``name`` (``policies.load(name)``)."""
+
+    def deco(cls: type[Policy]) -> type[Policy]:
+        if name in _POLICIES and _POLICIES[name] is not cls:
+            raise PolicyError(f"policy name {name!r} is registered twice")
+        cls.policy_name = name
+        _POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_policies() -> dict[str, type[Policy]]:
+    return dict(_POLICIES)
+
+
+class Policy(nn.Module):
+    """Base class. Subclasses set ``config_class`` and implement :meth:`act`."""
+
+    policy_name: ClassVar[str] = ""
+    config_class: ClassVar[type] = None  # a dataclass
+    # True for policies whose actions are sampled and have a log-probability.
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__()
+        if config is None:
+            try:
+                config = self.config_class(**kwargs)
+            except TypeError as e:
+                names = [f.name for f in dataclasses.fields(self.config_class)]
+                raise PolicyError(f"{type(self).__name__}: {e}. Valid options: {names}") from None
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        self.config = config
+
+    # --- what the sampler asks -------------------------------------------------------------
+    def attention_layers(self, num_layers: int) -> list[int] | None:
+        """Indices of the joint-attention layers whose text->image maps this policy reads.
+
+        ``None`` (the default) means no capture, so the backbone runs at full speed.
+        """
+        return None
+
+    def begin(self, ctx: RunContext) -> dict[str, Any]:
+        """Called once per run; returns the initial ``State.memory``."""
+        return {}
+
+    def act(self, state: State) -> Action:
+        raise NotImplementedError
+
+    def forward(self, state: State) -> Action:  # nn.Module call -> act
+        return self.act(state)
+
+    # --- persistence -----------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy_name, **dataclasses.asdict(self.config)}
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(self.config_dict(), f, indent=2, sort_keys=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if state:
+            save_file(state, os.path.join(path, WEIGHTS_NAME))
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict[str, Any]) -> Policy:
+        cfg = dict(cfg)
+        cfg.pop("policy", None)
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise PolicyError(
+                f"{cls.__name__} config has unknown keys {unknown}; valid keys are {sorted(names)}"
+            )
+        return cls(cls.config_class(**cfg))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Policy:
+        cfg = read_policy_config(path)
+        name = cfg.get("policy")
+        target = cls
+        if cls is Policy or cls.policy_name != name:
+            if name not in _POLICIES:
+                raise PolicyError(
+                    f"{path}/{CONFIG_NAME} names policy {name!r}, which is not registered; "
+                    f"known policies: {sorted(_POLICIES)} (import `policies` to register them)"
+                )
+            target = _POLICIES[name]
+            if cls is not Policy and not issubclass(target, cls):
+                raise PolicyError(f"{path} holds a {name!r} policy, not a {cls.policy_name!r} one")
+        policy = target.from_config_dict(cfg)
+        weights = os.path.join(path, WEIGHTS_NAME)
+        expected = policy.state_dict()
+        if expected:
+            if not os.path.isfile(weights):
+                raise PolicyError(f"{path} has no {WEIGHTS_NAME}, but a {name!r} policy has weights")
+            from safetensors.torch import load_file
+
+            try:
+                loaded = load_file(weights)
+            except Exception as e:  # corrupt file
+                raise PolicyError(f"{weights} could not be read ({e}); re-export the policy") from None
+            bad = {k: (tuple(v.shape), tuple(loaded[k].shape)) for k, v in expected.items()
+                   if k in loaded and v.shape != loaded[k].shape}
+            missing = sorted(set(expected) - set(loaded))
+            if bad or missing:
+                raise PolicyError(
+                    f"{weights} does not match the {name!r} policy built from its config "
+                    f"(shape mismatches {bad}, missing {missing}); it was made for another "
+                    "configuration or backbone"
+                )
+            policy.load_state_dict(loaded, strict=True)
+        return policy.eval()
+
+
+def read_policy_config(path: str | os.PathLike) -> dict[str, Any]:
+    if not os.path.isdir(path):
+        raise PolicyError(f"policy directory {str(path)!r} does not exist")
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise PolicyError(
+            f"{path} has no {CONFIG_NAME}: it is not an exported policy "
+            "(export one with `policy.save_pretrained(dir)`)"
+        )
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise PolicyError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or "policy" not in cfg:
+        raise PolicyError(f"{cfg_path} has no 'policy' key naming the policy class")
+    return cfg
