@@ -73,6 +73,9 @@ class Action:
     tau_cond: torch.Tensor | None = None  # (B, h, w); None = query at tau_k
     mask: torch.Tensor | None = None  # (B, h, w) bool, for plots/trajectories
     log_prob: torch.Tensor | None = None  # (B,) for stochastic policies
+    # Multiplies the Euler update without changing the time bookkeeping (AsyncDiff §5, Eq. 19-20):
+    # x_{k+1} = x_k + step_scale * (tau_next - tau_k) * v. (B,) or (B, h, w); None = 1.
+    step_scale: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # what a trainer stores to replay
 
 

@@ -110,7 +110,11 @@ def denoise(
         pred = backbone.predict(latents, tau_cond, cond, attention_layers=attention_layers)
         v = pred.velocity
         # Euler per token in float32, cast back like FlowMatchEulerDiscreteScheduler.step.
-        dt = backbone.expand_field(action.tau_next - tau).to(torch.float32)
+        delta = action.tau_next - tau
+        if action.step_scale is not None:
+            scale = action.step_scale
+            delta = delta * (scale.view(-1, 1, 1) if scale.ndim == 1 else scale)
+        dt = backbone.expand_field(delta).to(torch.float32)
         new_latents = (latents.to(torch.float32) + dt * v).to(v.dtype)
         velocity = backbone.to_tokens(v)
         x0 = backbone.to_tokens(latents - backbone.expand_field(tau_cond).to(latents.dtype) * v)
