@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import os
 
+from policies import concave as _concave
+from policies.concave import Concave
+from policies.masks import find_objects, mask_from_image
 from policies.synchronous import Synchronous
 from tpm.policy import Policy, PolicyError, read_policy_config, registered_policies
 
 # Named presets: name -> (registered policy, options). "name:variant" picks a schedule variant.
 PRESETS: dict[str, tuple[str, dict]] = {
     "synchronous": ("synchronous", {}),
+    **_concave.PRESETS,
 }
+# Variant words after "name:" and the options they set, per preset family.
+VARIANTS: dict[str, dict[str, dict]] = {"asyndm": _concave.VARIANTS, "dm_concave": _concave.VARIANTS}
 
 
 def available() -> list[str]:
@@ -39,8 +45,8 @@ def load(name_or_path: str | os.PathLike, **options) -> Policy:
     if base in PRESETS:
         reg, preset = PRESETS[base]
         opts = dict(preset)
-        if variant:
-            opts.update(_variant_options(base, variant))
+        for word in filter(None, variant.split(":")):
+            opts.update(_variant_options(base, word))
         opts.update(options)
         return registered_policies()[reg](**opts)
     if key in registered_policies():
@@ -49,7 +55,10 @@ def load(name_or_path: str | os.PathLike, **options) -> Policy:
 
 
 def _variant_options(base: str, variant: str) -> dict:
-    raise PolicyError(f"policy {base!r} has no variant {variant!r}")
+    table = VARIANTS.get(base, {})
+    if variant not in table:
+        raise PolicyError(f"policy {base!r} has no variant {variant!r}; variants: {sorted(table) or 'none'}")
+    return table[variant]
 
 
-__all__ = ["Policy", "PolicyError", "Synchronous", "available", "load"]
+__all__ = ["Concave", "Policy", "PolicyError", "Synchronous", "available", "find_objects", "load", "mask_from_image"]

@@ -1,0 +1,181 @@
+"""AsynDM: prompt-related tokens follow a slower, concave schedule (Hu et al., AsynDM §3-4).
+
+Each token carries a schedule time ``t`` in step units: ``t = K`` is noise, ``t = 0`` clean, and
+the linear schedule ``g(i) = K - i`` is the synchronous grid. A token's noise time is read off
+the pipeline's grid at position ``K - t`` (:func:`tpm.fields.grid_time`), so a token on ``g`` is
+exactly where the synchronous sampler would put it, shift and dynamic shifting included.
+
+At step i (going to i+1), masked tokens follow the concave schedule ``f`` *shifted through their
+current point*: Proposition 1 says that for a concave f with f(0) = K, f(K) = 0 and any point
+(i0, t0) with K - i0 <= t0 <= f(i0) there are unique a, b with f(i0 - a) + b = t0 and
+f(K - a) + b = 0 (Eq. 6). We find a by bisection on the monotone g(a) = f(i0 - a) - f(K - a)
+(App. A.1, Eq. 8-9), per token, and move the token to f(i0 + 1 - a) + b. Every token therefore
+reaches 0 at the last step, whatever its mask history. Unmasked tokens move on the straight
+line from their current point to (K, 0), which is ``g`` itself for a token that was never masked.
+
+Schedules (normalised, u = i / K): quadratic 1 - u^2 (§3.2), piecewise linear
+min(1 - u/2, 3/2 - 3u/2) and exponential (e - e^u) / (e - 1) (§5.4). The reweighting
+f' = w f + (1 - w) g (App. B.1) keeps f' concave and bounds the largest gap between tokens at
+any step by w * max(f - g).
+
+The mask comes from :mod:`policies.masks` (Eq. 7 cross-attention, fixed, user, all).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from policies.masks import attention_mask, check_user_mask, object_positions
+from tpm.fields import grid_time
+from tpm.policy import Action, Policy, PolicyError, RunContext, State, register_policy
+
+SCHEDULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "quadratic": lambda u: 1 - u * u,
+    "piecewise_linear": lambda u: torch.minimum(1 - u / 2, 1.5 - 1.5 * u),
+    "exponential": lambda u: (math.e - torch.exp(u)) / (math.e - 1),
+}
+MASK_SOURCES = ("cross_attention", "fixed", "user", "all")
+
+
+def reweighted(name: str, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """f'(u) = w f(u) + (1 - w)(1 - u) on the normalised step axis (AsynDM App. B.1)."""
+    f = SCHEDULES[name]
+    return lambda u: weight * f(u) + (1 - weight) * (1 - u)
+
+
+def shift_solve(f: Callable, u0: torch.Tensor, s0: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """The shift a in [0, u0] with f(u0 - a) - f(1 - a) = s0 (AsynDM Prop. 1, Eq. 6-8).
+
+    Normalised units: u0 = i0 / K, s0 = t0 / K. g(a) = f(u0 - a) - f(1 - a) is nonincreasing
+    (Eq. 9), so bisection converges; points outside g's range are clamped to the ends.
+    """
+    u0 = torch.as_tensor(u0, dtype=torch.float64).expand_as(s0)
+    lo = torch.zeros_like(s0)
+    hi = u0.clone()
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        g = f(u0 - mid) - f(1 - mid)
+        above = g > s0  # g too large -> move right (g decreases in a)
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
+def concave_next(f: Callable, step: int, num_steps: int, t: torch.Tensor) -> torch.Tensor:
+    """Next schedule time of masked tokens: along f shifted through (step, t). Step units."""
+    k = num_steps
+    if step + 1 >= k:
+        return torch.zeros_like(t)
+    s0 = t.to(torch.float64) / k
+    u0 = step / k
+    a = shift_solve(f, torch.tensor(u0, dtype=torch.float64), s0)
+    b = -f(1 - a)
+    nxt = f((step + 1) / k - a) + b
+    return (nxt * k).clamp(min=0.0)
+
+
+def linear_next(step: int, num_steps: int, t: torch.Tensor) -> torch.Tensor:
+    """Next schedule time of unmasked tokens: straight to (K, 0) from (step, t)."""
+    left = num_steps - step
+    return t * (left - 1) / left
+
+
+@dataclass
+class ConcaveConfig:
+    schedule: str = "quadratic"  # quadratic | piecewise_linear | exponential
+    mask: str = "cross_attention"  # cross_attention | fixed | user | all
+    weight: float = 1.0  # w in f' = w f + (1 - w) g; 1 = the plain concave schedule
+    objects: list[str] | None = None  # object words; None = found from the prompt
+    attention_layers: list[int] | None = None  # layers averaged for the maps; None = all
+    user_mask_shape: list[int] | None = None  # shape of the saved user mask, (h, w) or (B, h, w)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise PolicyError(f"unknown concave schedule {self.schedule!r}; choose from {sorted(SCHEDULES)}")
+        if self.mask not in MASK_SOURCES:
+            raise PolicyError(f"unknown mask source {self.mask!r}; choose from {MASK_SOURCES}")
+        if not 0.0 < self.weight <= 1.0:
+            raise PolicyError(f"weight must be in (0, 1], got {self.weight}")
+
+
+@register_policy("concave")
+class Concave(Policy):
+    """AsynDM (``mask="cross_attention"``), its fixed-mask ablation, user masks, and DM_concave."""
+
+    config_class = ConcaveConfig
+
+    def __init__(self, config: ConcaveConfig | None = None, user_mask: torch.Tensor | None = None, **kwargs):
+        if user_mask is not None:
+            kwargs.setdefault("mask", "user")
+            kwargs["user_mask_shape"] = list(torch.as_tensor(user_mask).shape)
+        super().__init__(config, **kwargs)
+        shape = self.config.user_mask_shape
+        if self.config.mask == "user":
+            if shape is None:
+                raise PolicyError('mask="user" needs user_mask=<(h, w) or (B, h, w) tensor>')
+            buf = torch.zeros(shape) if user_mask is None else torch.as_tensor(user_mask, dtype=torch.float32)
+            self.register_buffer("user_mask", buf.float())
+        self.f = reweighted(self.config.schedule, self.config.weight)
+
+    def attention_layers(self, num_layers: int) -> list[int] | None:
+        if self.config.mask != "cross_attention":
+            return None
+        return list(range(num_layers)) if self.config.attention_layers is None else list(self.config.attention_layers)
+
+    def _positions(self, prompts: list[str], text_words: list[list[int]] | None) -> list[list[int]]:
+        if text_words is None:
+            raise PolicyError("the backbone did not report text token positions; cannot find object tokens")
+        return [object_positions(p, tw, self.config.objects) for p, tw in zip(prompts, text_words)]
+
+    def begin(self, ctx: RunContext) -> dict:
+        memory: dict = {}
+        if self.config.mask == "fixed":
+            if ctx.reference_run is None:
+                raise PolicyError('mask="fixed" needs a synchronous reference run; use tpm.sample')
+            layers = (list(range(ctx.num_attention_layers)) if self.config.attention_layers is None
+                      else list(self.config.attention_layers))
+            ref = ctx.reference_run(layers)
+            avg = torch.stack([a for a in ref.attention if a is not None]).mean(0)
+            memory["fixed_mask"] = attention_mask(avg, self._positions(ctx.prompts, ref.text_words))
+        return memory
+
+    def current_mask(self, state: State) -> torch.Tensor:
+        b, (h, w) = state.batch_size, state.grid
+        src = self.config.mask
+        if src == "all":
+            return torch.ones(b, h, w, dtype=torch.bool, device=state.tau.device)
+        if src == "user":
+            return check_user_mask(self.user_mask, b, state.grid).to(state.tau.device)
+        if src == "fixed":
+            return state.memory["fixed_mask"].to(state.tau.device)
+        if state.attention is None:  # Algorithm 1: M starts as all ones
+            return torch.ones(b, h, w, dtype=torch.bool, device=state.tau.device)
+        pos = state.memory.get("positions")
+        if pos is None:
+            pos = state.memory["positions"] = self._positions(state.prompts, state.text_words)
+        return attention_mask(state.attention, pos).to(state.tau.device)
+
+    def act(self, state: State) -> Action:
+        k, n = state.step, state.num_steps
+        t = state.memory.get("t")
+        if t is None:  # every token starts at schedule time K (noise)
+            t = torch.full(state.tau.shape, float(n), dtype=torch.float64, device=state.tau.device)
+        mask = self.current_mask(state)
+        t_next = torch.where(mask, concave_next(self.f, k, n, t), linear_next(k, n, t))
+        if k + 1 == n:
+            t_next = torch.zeros_like(t_next)
+        state.memory["t"] = t_next
+        tau_next = grid_time(state.sigmas.to(torch.float64), n - t_next).to(state.tau.dtype)
+        return Action(tau_next=tau_next, mask=mask)
+
+
+# AsynDM's named variants, used by policies.load("asyndm:exponential:fixed") etc.
+PRESETS = {
+    "asyndm": ("concave", {"schedule": "quadratic", "mask": "cross_attention"}),
+    "dm_concave": ("concave", {"schedule": "quadratic", "mask": "all"}),
+}
+VARIANTS = {**{s: {"schedule": s} for s in SCHEDULES}, **{m: {"mask": m} for m in ("fixed", "all")}}
