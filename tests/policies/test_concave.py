@@ -1,0 +1,141 @@
+"""AsynDM concave schedules against hand computations (AsynDM §3.2, Prop. 1, App. B.1)."""
+
+import math
+
+import pytest
+import torch
+
+import policies
+from policies.concave import (
+    SCHEDULES,
+    Concave,
+    concave_next,
+    linear_next,
+    reweighted,
+    shift_solve,
+)
+from tpm.policy import PolicyError, State
+
+
+def test_schedules_hand_values():
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(SCHEDULES["quadratic"](u), torch.tensor([1.0, 0.9375, 0.75, 0.0], dtype=torch.float64))
+    # min(1 - u/2, 3/2 - 3u/2): 1, 0.875, 0.75, 0
+    assert torch.allclose(SCHEDULES["piecewise_linear"](u), torch.tensor([1.0, 0.875, 0.75, 0.0], dtype=torch.float64))
+    e = math.e
+    expected = torch.tensor([(e - math.exp(x)) / (e - 1) for x in u.tolist()], dtype=torch.float64)
+    assert torch.allclose(SCHEDULES["exponential"](u), expected)
+    # reweighting: w f + (1 - w) g at u = 0.5, w = 0.4: 0.4 * 0.75 + 0.6 * 0.5
+    assert reweighted("quadratic", 0.4)(torch.tensor(0.5, dtype=torch.float64)).item() == pytest.approx(0.6)
+
+
+def test_shift_matches_quadratic_closed_form():
+    # For f(i) = T - i^2 / T: f(i0 - a) - f(T - a) = (T - i0)(T + i0 - 2a) / T = t0
+    #   => a = (T + i0 - t0 T / (T - i0)) / 2   (normalised: T = 1)
+    f = SCHEDULES["quadratic"]
+    u0 = torch.tensor(0.3, dtype=torch.float64)
+    for s0 in [0.7, 0.8, 0.9, 0.91]:  # inside [1 - u0, f(u0)] = [0.7, 0.91]
+        a = shift_solve(f, u0, torch.tensor([s0], dtype=torch.float64))
+        closed = (1 + 0.3 - s0 / 0.7) / 2
+        assert a.item() == pytest.approx(closed, abs=1e-12)
+        # the shifted curve passes through (u0, s0) and reaches 0 at u = 1
+        b = -f(1 - a)
+        assert (f(u0 - a) + b).item() == pytest.approx(s0, abs=1e-12)
+
+
+def test_concave_next_hand_values():
+    f = SCHEDULES["quadratic"]
+    k = 10
+    # a token that was always masked sits on f itself: t = K - i^2 / K
+    t = torch.tensor([10.0], dtype=torch.float64)
+    for i in range(k):
+        t = concave_next(f, i, k, t)
+        assert t.item() == pytest.approx(k - (i + 1) ** 2 / k, abs=1e-9)
+    # linear: from (i, t) straight to (K, 0)
+    assert linear_next(2, 10, torch.tensor([8.0])).item() == pytest.approx(7.0)
+    assert linear_next(2, 10, torch.tensor([9.0])).item() == pytest.approx(9.0 * 7 / 8)
+
+
+def _run(policy, masks, k=8, grid=(3, 4), sigmas=None):
+    sig = sigmas if sigmas is not None else torch.linspace(1, 0, k + 1)
+    tau = torch.ones(2, *grid)
+    mem = {}
+    fields = [tau]
+    for i in range(k):
+        policy.config.mask = "user"
+        policy.user_mask = masks[i].float()
+        st = State(step=i, num_steps=k, sigmas=sig, tau=tau, latents=torch.zeros(2, 12, 1), grid=grid,
+                   prompts=["a", "b"], memory=mem)
+        tau = policy.act(st).tau_next
+        fields.append(tau)
+    return fields
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_random_mask_histories_end_at_zero_monotone_and_bounded(schedule, weight):
+    torch.manual_seed(0)
+    k = 8
+    masks = [torch.rand(2, 3, 4) > 0.5 for _ in range(k)]
+    pol = Concave(schedule=schedule, weight=weight, user_mask=torch.zeros(3, 4))
+    # a shifted grid (like SD3's shift=3) to check the time mapping, not just linspace
+    lin = torch.linspace(1, 1 / k, k)
+    sig = torch.cat([3 * lin / (1 + 2 * lin), torch.zeros(1)])
+    fields = _run(pol, masks, k=k, sigmas=sig)
+    assert torch.equal(fields[-1], torch.zeros_like(fields[-1]))  # every token lands on 0
+    for a, b in zip(fields, fields[1:]):
+        assert bool((b <= a + 1e-7).all())  # fields never increase
+    # disparity bound in schedule units: w * max_u (f(u) - (1 - u)), mapped through the grid
+    f = SCHEDULES[schedule]
+    u = torch.linspace(0, 1, 10001, dtype=torch.float64)
+    gap = weight * float((f(u) - (1 - u)).max())
+    from tpm.fields import grid_position
+
+    for i, fld in enumerate(fields):
+        pos = grid_position(sig, fld)  # K - t
+        t = k - pos
+        assert float(t.max() - (k - i)) <= gap * k + 1e-6
+        assert float((k - i) - t.min()) <= 1e-6  # nobody runs ahead of the linear schedule
+
+
+def test_all_mask_and_empty_mask():
+    k, grid = 5, (2, 2)
+    sig = torch.linspace(1, 0, k + 1)
+    # empty mask: exactly the synchronous grid
+    fields = _run(Concave(user_mask=torch.zeros(*grid)), [torch.zeros(2, *grid, dtype=torch.bool)] * k, k, grid, sig)
+    for i, fld in enumerate(fields):
+        assert torch.equal(fld, torch.full_like(fld, float(sig[i])))
+    # all tokens: f(i) = K - i^2 / K on the grid, i.e. tau = 1 - (i / K)^2 for a linear grid
+    fields = _run(Concave(user_mask=torch.ones(*grid)), [torch.ones(2, *grid, dtype=torch.bool)] * k, k, grid, sig)
+    for i, fld in enumerate(fields):
+        assert torch.allclose(fld, torch.full_like(fld, 1 - (i / k) ** 2), atol=1e-6)
+
+
+def test_round_trip_and_load_names(tmp_path):
+    pol = policies.load("asyndm:exponential", weight=0.6, objects=["shark"])
+    pol.save_pretrained(tmp_path / "p")
+    back = policies.load(str(tmp_path / "p"))
+    assert isinstance(back, Concave) and back.config == pol.config
+    um = torch.rand(4, 4) > 0.5
+    pu = Concave(user_mask=um)
+    pu.save_pretrained(tmp_path / "u")
+    bu = policies.load(str(tmp_path / "u"))
+    assert torch.equal(bu.user_mask.bool(), um)
+    assert policies.load("dm_concave").config.mask == "all"
+    assert policies.load("asyndm:fixed").config.mask == "fixed"
+
+
+def test_bad_input():
+    with pytest.raises(PolicyError, match="valid names"):
+        policies.load("asyndmm")
+    with pytest.raises(PolicyError, match="no variant"):
+        policies.load("asyndm:cubic")
+    with pytest.raises(PolicyError, match="schedule"):
+        Concave(schedule="cubic")
+    with pytest.raises(PolicyError, match="weight"):
+        Concave(weight=1.5)
+    pol = Concave(user_mask=torch.ones(3, 3))
+    st = State(step=0, num_steps=4, sigmas=torch.linspace(1, 0, 5), tau=torch.ones(1, 4, 4),
+               latents=torch.zeros(1, 16, 1), grid=(4, 4), prompts=["x"])
+    with pytest.raises(ValueError, match="token grid"):
+        pol.act(st)
