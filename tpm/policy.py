@@ -60,6 +60,8 @@ class State:
     x0: torch.Tensor | None = None  # (B, N, C_tok) clean estimate x - tau_cond * v of the previous step
     attention: torch.Tensor | None = None  # (B, n_text, h, w) text->image attention of the previous step
     text_words: list[list[int]] | None = None  # per prompt: word index of each text position (-1: none)
+    text_embeds: torch.Tensor | None = None  # (B, T, D) conditional prompt embeddings (backbone's encoder)
+    pooled: torch.Tensor | None = None  # (B, D_pooled) conditional pooled prompt embedding
     memory: dict[str, Any] = field(default_factory=dict)  # per-run scratch space owned by the policy
 
     @property

@@ -103,7 +103,7 @@ def denoise(
         state = State(
             step=k, num_steps=num_steps, sigmas=sig, tau=tau, latents=backbone.to_tokens(latents), grid=grid,
             prompts=cond.prompts, velocity=velocity, x0=x0, attention=attention, text_words=text_words,
-            memory=memory,
+            memory=memory, text_embeds=cond.embeds, pooled=cond.pooled,
         )
         action = policy.act(state)
         tau_cond = tau if action.tau_cond is None else action.tau_cond
