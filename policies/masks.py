@@ -29,7 +29,7 @@ FUNCTION_WORDS = set(
     beside behind between among through across around against along toward towards for as is
     are was were be been being has have had do does did this that these those it its they them
     their he she his her him we our you your i my me some any each every all both no not very
-    while there here then than so too also just while which who whom whose what where when how
+    while there here then than so too also just which who whom whose what where when how
     one two three four five six seven eight nine ten many several few more most another other
     left right above below top bottom front back next side middle center centre up down inside
     outside beneath upon

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
 from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
 from tpm.backbones.modulation import TokenTime, build_token_time, modulate
