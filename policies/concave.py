@@ -65,17 +65,41 @@ def shift_solve(f: Callable, u0: torch.Tensor, s0: torch.Tensor, iters: int = 60
     return (lo + hi) / 2
 
 
-def concave_next(f: Callable, step: int, num_steps: int, t: torch.Tensor) -> torch.Tensor:
-    """Next schedule time of masked tokens: along f shifted through (step, t). Step units."""
+def _shift_quadratic(u0: float, s0: torch.Tensor, w: float) -> torch.Tensor:
+    # w (1 - u0)(1 + u0 - 2a) + (1 - w)(1 - u0) = s0, solved for a (App. A.1 with f = 1 - u^2).
+    return (1 + u0 - (s0 - (1 - w) * (1 - u0)) / (w * (1 - u0))) / 2
+
+
+def _shift_exponential(u0: float, s0: torch.Tensor, w: float) -> torch.Tensor:
+    # w e^{-a} (e - e^{u0}) / (e - 1) + (1 - w)(1 - u0) = s0, solved for a.
+    arg = (s0 - (1 - w) * (1 - u0)) * (math.e - 1) / (w * (math.e - math.exp(u0)))
+    return -torch.log(arg.clamp(min=1e-300))
+
+
+# Closed forms of the Prop. 1 shift where one exists; others use bisection.
+CLOSED_FORM_SHIFTS = {"quadratic": _shift_quadratic, "exponential": _shift_exponential}
+
+
+def concave_next(f: Callable, step: int, num_steps: int, t: torch.Tensor,
+                 closed_form: Callable | None = None, weight: float = 1.0) -> torch.Tensor:
+    """Next schedule time of masked tokens: along f shifted through (step, t). Step units.
+
+    Tokens share few distinct times (one per mask history), so the shift is solved once per
+    distinct value and scattered back.
+    """
     k = num_steps
     if step + 1 >= k:
         return torch.zeros_like(t)
-    s0 = t.to(torch.float64) / k
+    values, inverse = torch.unique(t.to(torch.float64), return_inverse=True)
+    s0 = values / k
     u0 = step / k
-    a = shift_solve(f, torch.tensor(u0, dtype=torch.float64), s0)
+    if closed_form is not None:
+        a = closed_form(u0, s0, weight).clamp(0.0, u0)
+    else:
+        a = shift_solve(f, torch.tensor(u0, dtype=torch.float64), s0)
     b = -f(1 - a)
-    nxt = f((step + 1) / k - a) + b
-    return (nxt * k).clamp(min=0.0)
+    nxt = (f((step + 1) / k - a) + b) * k
+    return nxt.clamp(min=0.0)[inverse]
 
 
 def linear_next(step: int, num_steps: int, t: torch.Tensor) -> torch.Tensor:
@@ -165,7 +189,8 @@ class Concave(Policy):
         if t is None:  # every token starts at schedule time K (noise)
             t = torch.full(state.tau.shape, float(n), dtype=torch.float64, device=state.tau.device)
         mask = self.current_mask(state)
-        t_next = torch.where(mask, concave_next(self.f, k, n, t), linear_next(k, n, t))
+        closed = CLOSED_FORM_SHIFTS.get(self.config.schedule)
+        t_next = torch.where(mask, concave_next(self.f, k, n, t, closed, self.config.weight), linear_next(k, n, t))
         if k + 1 == n:
             t_next = torch.zeros_like(t_next)
         state.memory["t"] = t_next

@@ -7,6 +7,7 @@ import torch
 
 import policies
 from policies.concave import (
+    CLOSED_FORM_SHIFTS,
     SCHEDULES,
     Concave,
     concave_next,
@@ -139,3 +140,21 @@ def test_bad_input():
                latents=torch.zeros(1, 16, 1), grid=(4, 4), prompts=["x"])
     with pytest.raises(ValueError, match="token grid"):
         pol.act(st)
+
+
+@pytest.mark.parametrize("schedule", sorted(CLOSED_FORM_SHIFTS))
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_closed_form_shift_equals_bisection(schedule, weight):
+    f = reweighted(schedule, weight)
+    for u0 in [0.1, 0.4, 0.75]:
+        lo, hi = 1 - u0, float(f(torch.tensor(u0, dtype=torch.float64)))
+        s0 = torch.linspace(lo, hi, 7, dtype=torch.float64)
+        a_bis = shift_solve(f, torch.tensor(u0, dtype=torch.float64), s0)
+        a_cf = CLOSED_FORM_SHIFTS[schedule](u0, s0, weight).clamp(0, u0)
+        assert torch.allclose(a_bis, a_cf, atol=1e-9)
+        # and the next point agrees (K = 20, so step = 20 * u0 is an integer for these u0)
+        k, step = 20, round(20 * u0)
+        t = s0 * k
+        by_bisection = concave_next(f, step, k, t)
+        by_closed_form = concave_next(f, step, k, t, CLOSED_FORM_SHIFTS[schedule], weight)
+        assert torch.allclose(by_bisection, by_closed_form, atol=1e-7)
