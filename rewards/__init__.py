@@ -16,4 +16,5 @@ import rewards.hpsv2  # noqa: E402,F401  (registers "hpsv2")
 import rewards.imagereward  # noqa: E402,F401  (registers "imagereward")
 import rewards.pickscore  # noqa: E402,F401  (registers "pickscore")
 import rewards.remote  # noqa: E402,F401  (registers "remote")
+import rewards.testbed  # noqa: E402,F401  (registers "testbed")
 from rewards.composite import Composite, CompositeResult, combine  # noqa: E402,F401

@@ -6,6 +6,11 @@ A reward model maps a batch of images and their prompts to one float score per i
 Heavy models load lazily on first call, on the device and dtype given at construction, and
 score in internal batches of ``batch_size``. Names map to classes in an explicit registry:
 ``rewards.load("hpsv2", **options)``.
+
+Also here: tensor preprocessing shared by the scorers (``resize_center_crop``, ``normalize``; on
+tensors so a batch is scored exactly as its images one by one) and weight resolution
+(``resolve_file``, ``hub_error``) that turns every missing-file case into one :class:`RewardError`
+naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -160,18 +165,20 @@ def check_finite(scores: torch.Tensor, name: str) -> None:
 # transforms) and weight resolution with one clear error when a file is missing.
 
 
-def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic resize of the shorter side to ``size`` (antialiased), then a central ``size`` crop.
+def resize_center_crop(pixels: torch.Tensor, size: int, crop: int | None = None) -> torch.Tensor:
+    """Bicubic resize of the shorter side to ``size`` (antialiased), then a central ``crop`` square
+    (default ``size``).
 
-    The tensor version of the CLIP-family eval transform (Resize(size) + CenterCrop(size));
+    The tensor version of the CLIP-family eval transform (Resize(size) + CenterCrop(crop));
     clamped to [0, 1] as the PIL route would be after 8-bit conversion.
     """
     from torchvision.transforms.v2 import functional as TF
 
+    crop = crop or size
     if min(pixels.shape[-2:]) != size:
         pixels = TF.resize(pixels, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    if tuple(pixels.shape[-2:]) != (size, size):
-        pixels = TF.center_crop(pixels, [size, size])
+    if tuple(pixels.shape[-2:]) != (crop, crop):
+        pixels = TF.center_crop(pixels, [crop, crop])
     return pixels.clamp(0, 1)
 
 
