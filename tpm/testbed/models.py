@@ -1,0 +1,349 @@
+"""Tiny testbed backbones: ordinary diffusers ``FluxPipeline`` / ``StableDiffusion3Pipeline`` objects
+assembled from config-built parts, and the loader of the shipped checkpoints.
+
+Parts (all real library classes, only the sizes are small):
+- tokenizer: a word-level ``tokenizers`` model over the domain ``VOCAB`` plus ``<pad>``, ``<eos>``,
+  ``<unk>``, wrapped in ``transformers.PreTrainedTokenizerFast``; ``<eos>`` is appended to every
+  prompt so CLIP's pooled output (taken at the first ``<eos>``) sees the whole prompt.
+- text encoders: ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` and ``T5EncoderModel`` from
+  config (no dropout), trained jointly with the transformer by ``recipes/train_testbed.py``.
+- VAE: a small ``AutoencoderKL`` trained on rendered domain images (``tpm.testbed.train``).
+- transformer: ``FluxTransformer2DModel`` / ``SD3Transformer2DModel`` with a few narrow layers.
+- scheduler: ``FlowMatchEulerDiscreteScheduler`` with shift 1 (the images are tiny).
+
+Pipelines cannot store call defaults (resolution, ``max_sequence_length``), so each checkpoint
+folder also holds ``testbed.json`` (a :class:`TestbedModelConfig` and sampling defaults);
+:func:`load_pipeline` puts those defaults on ``pipe.tpm_defaults``, which ``tpm.sample`` and the
+backbone adapters read, and :func:`call_kwargs` returns them as ``pipe(...)`` keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "SHIPPED",
+    "TestbedModelConfig",
+    "build_pipeline",
+    "build_tokenizer",
+    "build_vae",
+    "call_kwargs",
+    "load_pipeline",
+    "save_pipeline",
+]
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+#: shipped checkpoint name -> what it is (recipe commands are in the README)
+SHIPPED: dict[str, str] = {
+    "flux": "FluxPipeline trained with synchronous (logit-normal) times",
+    "sd3": "StableDiffusion3Pipeline trained with synchronous (logit-normal) times",
+    "flux-asyncpatch": "FluxPipeline trained with the AsyncPatch controlled per-token sampler",
+}
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 (CLIP's legacy pooling path is id 2 == eos)
+BACKBONES = ("flux", "sd3")
+
+
+@dataclass
+class TestbedModelConfig:
+    """Sizes of one tiny testbed pipeline; saved in ``testbed.json`` beside the pipeline."""
+
+    backbone: str = "flux"  # "flux" (FluxPipeline) or "sd3" (StableDiffusion3Pipeline)
+    resolution: int = 32  # image side in pixels that training and default sampling use
+    vae_channels: tuple[int, ...] = (16, 32)  # AutoencoderKL block widths; 2**(len-1) is the VAE factor
+    latent_channels: int = 8  # VAE latent channels (Flux packs 2x2 of them into one token)
+    text_dim: int = 32  # CLIP hidden size (and projection size for SD3's two CLIPs)
+    t5_dim: int = 64  # T5 d_model; must be >= 2 * text_dim for SD3 (its CLIP embeds are padded to it)
+    text_layers: int = 2  # layers of every text encoder
+    max_sequence_length: int = 16  # tokens per prompt for every tokenizer (prompts are short)
+    num_heads: int = 4  # transformer attention heads
+    head_dim: int = 32  # transformer head dim; Flux rotary axes split it as (d/4, 3d/8, 3d/8)
+    num_layers: int = 2  # Flux double-stream blocks / SD3 joint blocks
+    num_single_layers: int = 2  # Flux single-stream blocks (ignored for SD3)
+    num_inference_steps: int = 20  # default sampling steps
+    guidance_scale: float = 1.0  # default CFG scale (SD3 guidance_scale, Flux true_cfg_scale)
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance (training command, times)
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        self.vae_channels = tuple(self.vae_channels)
+        if self.resolution % self.token_size:
+            raise ValueError(
+                f"resolution {self.resolution} must be divisible by the token size {self.token_size} "
+                "(VAE factor x 2); change resolution or vae_channels"
+            )
+        if self.backbone == "sd3" and self.t5_dim < 2 * self.text_dim:
+            raise ValueError("sd3 needs t5_dim >= 2 * text_dim (CLIP embeddings are padded to T5 width)")
+        if self.head_dim % 16:
+            raise ValueError("head_dim must be a multiple of 16 (Flux splits it into even rotary axes d/4, 3d/8, 3d/8)")
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def token_size(self) -> int:
+        return self.vae_factor * 2
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """``pipe.tpm_defaults``: call defaults a diffusers pipeline cannot store."""
+        return {
+            "height": self.resolution,
+            "width": self.resolution,
+            "max_sequence_length": self.max_sequence_length,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TestbedModelConfig:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _vocab() -> list[str]:
+    from tpm.testbed import VOCAB  # the domain module owns the grammar
+
+    return list(VOCAB)
+
+
+def build_tokenizer(vocab: list[str] | None = None, max_length: int = 16):
+    """Word-level fast tokenizer over ``vocab`` (default: the domain VOCAB); appends ``<eos>``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in dict.fromkeys(vocab if vocab is not None else _vocab()) if w not in SPECIAL_TOKENS]
+    ids = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", pair="$A <eos> $B <eos>", special_tokens=[("<eos>", ids["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+        padding_side="right",
+    )
+
+
+def _clip(cfg: TestbedModelConfig, vocab_size: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    conf = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.text_dim,
+        intermediate_size=2 * cfg.text_dim,
+        projection_dim=cfg.text_dim,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=cfg.max_sequence_length,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        attention_dropout=0.0,
+        dropout=0.0,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(conf)
+
+
+def _t5(cfg: TestbedModelConfig, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    conf = T5Config(
+        vocab_size=vocab_size,
+        d_model=cfg.t5_dim,
+        d_kv=cfg.t5_dim // 4,
+        d_ff=2 * cfg.t5_dim,
+        num_layers=cfg.text_layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=cfg.max_sequence_length,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(conf)
+
+
+def build_vae(cfg: TestbedModelConfig):
+    """A small ``AutoencoderKL`` (untrained; ``tpm.testbed.train.train_vae`` fits it)."""
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=min(8, cfg.vae_channels[0]),
+        sample_size=cfg.resolution,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        mid_block_add_attention=False,
+    )
+
+
+def _transformer(cfg: TestbedModelConfig):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if cfg.backbone == "flux":
+        d = cfg.head_dim
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * cfg.latent_channels,
+            num_layers=cfg.num_layers,
+            num_single_layers=cfg.num_single_layers,
+            attention_head_dim=d,
+            num_attention_heads=cfg.num_heads,
+            joint_attention_dim=cfg.t5_dim,
+            pooled_projection_dim=cfg.text_dim,
+            guidance_embeds=False,
+            axes_dims_rope=(d // 4, 3 * d // 8, 3 * d // 8),
+        )
+    latent = cfg.resolution // cfg.vae_factor
+    return SD3Transformer2DModel(
+        sample_size=latent,
+        patch_size=2,
+        in_channels=cfg.latent_channels,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.t5_dim,
+        caption_projection_dim=cfg.num_heads * cfg.head_dim,
+        pooled_projection_dim=2 * cfg.text_dim,
+        out_channels=cfg.latent_channels,
+        pos_embed_max_size=latent // 2,
+    )
+
+
+def build_pipeline(cfg: TestbedModelConfig, *, vae=None, vocab: list[str] | None = None, seed: int = 0):
+    """Assemble an untrained testbed pipeline of ``cfg.backbone``; every part in eval mode.
+
+    ``vae``: a trained ``AutoencoderKL`` to reuse (its factor must match ``cfg.vae_channels``).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(vocab, cfg.max_sequence_length)
+    n_vocab = len(tok)
+    vae = vae if vae is not None else build_vae(cfg)
+    if 2 ** (len(vae.config.block_out_channels) - 1) != cfg.vae_factor:
+        raise ValueError("the given VAE's downsampling factor does not match cfg.vae_channels")
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    if cfg.backbone == "flux":
+        pipe = FluxPipeline(
+            scheduler=sched,
+            vae=vae,
+            text_encoder=_clip(cfg, n_vocab, projection=False),
+            tokenizer=tok,
+            text_encoder_2=_t5(cfg, n_vocab),
+            tokenizer_2=tok,
+            transformer=_transformer(cfg),
+        )
+    else:
+        pipe = StableDiffusion3Pipeline(
+            scheduler=sched,
+            vae=vae,
+            text_encoder=_clip(cfg, n_vocab, projection=True),
+            tokenizer=tok,
+            text_encoder_2=_clip(cfg, n_vocab, projection=True),
+            tokenizer_2=tok,
+            text_encoder_3=_t5(cfg, n_vocab),
+            tokenizer_3=tok,
+            transformer=_transformer(cfg),
+        )
+    _finish(pipe, cfg)
+    return pipe
+
+
+def _finish(pipe, cfg: TestbedModelConfig) -> None:
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            comp.eval()  # config-built modules start in train mode
+    pipe.tpm_defaults = cfg.defaults
+    pipe.default_sample_size = cfg.resolution // cfg.vae_factor  # makes height=None mean cfg.resolution
+    pipe.tpm_testbed_config = cfg
+    pipe.set_progress_bar_config(disable=True)
+
+
+def save_pipeline(pipe, path: str | Path, cfg: TestbedModelConfig, dtype: torch.dtype = torch.float16) -> None:
+    """``pipe.save_pretrained(path)`` in ``dtype`` (fp16 keeps the shipped files small) + ``testbed.json``."""
+    path = Path(path)
+    orig = {n: c.dtype for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    pipe.to(dtype)
+    try:
+        pipe.save_pretrained(path, safe_serialization=True)
+    finally:
+        for name, dt in orig.items():
+            pipe.components[name].to(dt)
+    (path / "testbed.json").write_text(cfg.to_json())
+
+
+def load_pipeline(
+    name_or_path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+):
+    """Load a testbed pipeline, offline: a shipped name (``"flux"``, ``"sd3"``, ``"flux-asyncpatch"``,
+    from ``tpm/testbed/checkpoints/<name>/``) or a folder written by :func:`save_pipeline`.
+
+    Returns an ordinary ``FluxPipeline`` / ``StableDiffusion3Pipeline`` (in ``dtype``, eval mode)
+    with ``pipe.tpm_defaults`` set from ``testbed.json``.
+    """
+    from diffusers import DiffusionPipeline
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        if str(name_or_path) not in SHIPPED:
+            raise ValueError(
+                f"Unknown testbed pipeline {str(name_or_path)!r}: pass one of {sorted(SHIPPED)} "
+                "or a folder written by tpm.testbed.save_pipeline"
+            )
+        path = CHECKPOINT_DIR / str(name_or_path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"Shipped checkpoint {name_or_path!r} is missing at {path}; regenerate it with "
+                "recipes/train_testbed.py (see the README, 'Testbed checkpoints')"
+            )
+    if not (path / "testbed.json").is_file():
+        raise FileNotFoundError(f"{path} has no testbed.json; it was not written by tpm.testbed.save_pipeline")
+    cfg = TestbedModelConfig.from_json((path / "testbed.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    if device is not None:
+        pipe.to(device)
+    _finish(pipe, cfg)
+    return pipe
+
+
+def call_kwargs(pipe, **overrides) -> dict[str, Any]:
+    """Keyword arguments for ``pipe(...)`` from ``pipe.tpm_defaults`` (Flux's CFG is ``true_cfg_scale``
+    with an empty negative prompt, SD3's is ``guidance_scale``), updated with ``overrides``."""
+    from diffusers import FluxPipeline
+
+    d = dict(getattr(pipe, "tpm_defaults", {}))
+    scale = d.pop("guidance_scale", 1.0)
+    if isinstance(pipe, FluxPipeline):
+        d["true_cfg_scale"] = scale
+        if scale > 1:
+            d["negative_prompt"] = ""
+    else:
+        d["guidance_scale"] = scale
+    d.update(overrides)
+    return d
