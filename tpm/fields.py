@@ -60,5 +60,5 @@ def check_field(field: torch.Tensor, batch: int, grid: tuple[int, int], name: st
     """Fail loudly on a field of the wrong shape or with values outside [0, 1]."""
     if tuple(field.shape) != (batch, *grid):
         raise ValueError(f"{name} must have shape {(batch, *grid)}, got {tuple(field.shape)}")
-    if bool((field < 0).any()) or bool((field > 1).any()):
+    if not bool(((field >= 0) & (field <= 1)).all()):  # written so that NaN fails too
         raise ValueError(f"{name} values must lie in [0, 1]")

@@ -64,6 +64,26 @@ def _flux_attention_captured(attn, x, ctx, rotary, n_txt: int, recorder: Attenti
     return out, attn.to_add_out(c_out.contiguous())
 
 
+def _stock_processor(attn) -> bool:
+    """True when the layer runs diffusers' default Flux processor, whose maths we mirror."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    return type(attn.processor) is FluxAttnProcessor
+
+
+def _capture(attn, x, ctx, rotary, n_txt: int, rec: AttentionRecorder):
+    """Attention of a captured layer. With the stock processor, one pass gives output and maps;
+    with a custom processor, the processor computes the output and we compute the maps from the
+    layer's own projections on the side (costs a second attention for that layer)."""
+    if _stock_processor(attn):
+        return _flux_attention_captured(attn, x, ctx, rotary, n_txt, rec)
+    _flux_attention_captured(attn, x, ctx, rotary, n_txt, rec)
+    if ctx is None:
+        return attn(hidden_states=x, image_rotary_emb=rotary)
+    outs = attn(hidden_states=x, encoder_hidden_states=ctx, image_rotary_emb=rotary)
+    return outs[0], outs[1]
+
+
 def _dual_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: AttentionRecorder):
     """FluxTransformerBlock.forward with per-token modulation for the image stream."""
     e = tt.image_rows(tt.project(block.norm1.linear, block.norm1.silu))
@@ -73,7 +93,7 @@ def _dual_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: Attention
     nx = modulate(block.norm1.norm(x), shift_msa, scale_msa)
     nctx = modulate(block.norm1_context.norm(ctx), c_shift_msa, c_scale_msa)
     if rec.wants(layer):
-        attn_out, ctx_attn_out = _flux_attention_captured(block.attn, nx, nctx, rotary, ctx.shape[1], rec)
+        attn_out, ctx_attn_out = _capture(block.attn, nx, nctx, rotary, ctx.shape[1], rec)
     else:
         outs = block.attn(hidden_states=nx, encoder_hidden_states=nctx, image_rotary_emb=rotary)
         attn_out, ctx_attn_out = outs[0], outs[1]
@@ -103,7 +123,7 @@ def _single_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: Attenti
     nh = modulate(block.norm.norm(h), shift, scale)
     mlp = block.act_mlp(block.proj_mlp(nh))
     if rec.wants(layer):
-        attn_out = _flux_attention_captured(block.attn, nh, None, rotary, n_txt, rec)
+        attn_out = _capture(block.attn, nh, None, rotary, n_txt, rec)
     else:
         attn_out = block.attn(hidden_states=nh, image_rotary_emb=rotary)
     h = h + gate * block.proj_out(torch.cat([attn_out, mlp], dim=2))

@@ -51,6 +51,13 @@ def _sd3_attention_captured(attn, x, ctx, rec: AttentionRecorder):
     return out, c_out
 
 
+def _stock_processor(attn) -> bool:
+    """True when the layer runs diffusers' default joint processor, whose maths we mirror."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    return type(attn.processor) is JointAttnProcessor2_0
+
+
 def _joint_block(block, x, ctx, tt: TokenTime, layer: int, rec: AttentionRecorder):
     """JointTransformerBlock.forward with per-token modulation of the image stream."""
     e = tt.image_rows(tt.project(block.norm1.linear, block.norm1.silu))
@@ -73,8 +80,11 @@ def _joint_block(block, x, ctx, tt: TokenTime, layer: int, rec: AttentionRecorde
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c.chunk(6, dim=-1)
         nctx = modulate(nc.norm(ctx), c_shift_msa, c_scale_msa)
 
-    if rec.wants(layer):
+    if rec.wants(layer) and _stock_processor(block.attn):
         attn_out, ctx_attn_out = _sd3_attention_captured(block.attn, nx, nctx, rec)
+    elif rec.wants(layer):  # custom processor: it computes the output, we read the maps on the side
+        _sd3_attention_captured(block.attn, nx, nctx, rec)
+        attn_out, ctx_attn_out = block.attn(hidden_states=nx, encoder_hidden_states=nctx)
     else:
         attn_out, ctx_attn_out = block.attn(hidden_states=nx, encoder_hidden_states=nctx)
     x = x + gate_msa * attn_out
