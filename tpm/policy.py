@@ -82,6 +82,19 @@ class Action:
 
 
 @dataclass
+class KnownRegion:
+    """Tokens a policy declares known (AsyncPatch §3.2): held at time 0 with fixed clean latents.
+
+    The sampler writes ``tokens`` into the latents where ``mask`` is True before the first step,
+    starts those tokens at time 0, keeps them there exactly, and can use them for input guidance
+    (AsyncPatch §3.3). Leading dimension 1 broadcasts over the batch.
+    """
+
+    tokens: torch.Tensor  # (B or 1, N, C_tok) clean latent tokens
+    mask: torch.Tensor  # (B or 1, h, w) bool, True = known
+
+
+@dataclass
 class RunContext:
     """Handed to :meth:`Policy.begin` once per sampling run.
 
@@ -146,6 +159,13 @@ class Policy(nn.Module):
     def begin(self, ctx: RunContext) -> dict[str, Any]:
         """Called once per run; returns the initial ``State.memory``."""
         return {}
+
+    def known_region(self) -> KnownRegion | None:
+        """Tokens this policy holds known and clean from the start (inpainting); ``None`` for most.
+
+        A policy that returns a region must keep ``tau_next == 0`` on it; the sampler checks.
+        """
+        return None
 
     def act(self, state: State) -> Action:
         raise NotImplementedError
