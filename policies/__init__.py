@@ -12,12 +12,20 @@ import os
 from policies import concave as _concave
 from policies.concave import Concave
 from policies.masks import find_objects, mask_from_image
+from policies.spatial import Inpaint, Raster, inpaint_policy, outpaint_policy
 from policies.synchronous import Synchronous
+from policies.tpm import TPM
+from policies.uncertainty import UncertaintyPatches
+from policies.uncertainty_head import UncertaintyHead
+from policies.velocity_scale import VelocityScale
 from tpm.policy import Policy, PolicyError, read_policy_config, registered_policies
 
 # Named presets: name -> (registered policy, options). "name:variant" picks a schedule variant.
 PRESETS: dict[str, tuple[str, dict]] = {
     "synchronous": ("synchronous", {}),
+    "tpm": ("tpm", {}),
+    "velocity_scale": ("velocity_scale", {}),
+    "uncertainty": ("uncertainty_patches", {"source": "x0_change"}),
     **_concave.PRESETS,
 }
 # Variant words after "name:" and the options they set, per preset family.
@@ -32,7 +40,10 @@ def available() -> list[str]:
 def load(name_or_path: str | os.PathLike, **options) -> Policy:
     """A policy by registered name / preset, or from an exported directory."""
     key = str(name_or_path)
-    if os.path.isdir(key) or os.sep in key or key.startswith("."):
+    base_name = key.partition(":")[0]
+    # Names win over same-named folders (running from the repo root, "tpm" is also a directory).
+    is_name = base_name in PRESETS or key in registered_policies()
+    if not is_name and (os.path.isdir(key) or os.sep in key or key.startswith(".")):
         cfg = read_policy_config(key)
         cls = registered_policies().get(cfg["policy"])
         if cls is None:
@@ -61,4 +72,5 @@ def _variant_options(base: str, variant: str) -> dict:
     return table[variant]
 
 
-__all__ = ["Concave", "Policy", "PolicyError", "Synchronous", "available", "find_objects", "load", "mask_from_image"]
+__all__ = ["Inpaint", "Raster", "UncertaintyHead", "UncertaintyPatches", "inpaint_policy", "outpaint_policy",
+           "Concave", "Policy", "PolicyError", "Synchronous", "TPM", "VelocityScale", "available", "find_objects", "load", "mask_from_image"]

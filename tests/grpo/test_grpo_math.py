@@ -1,0 +1,75 @@
+"""GRPO maths against hand computations, and the config's checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tpm.grpo import (
+    GRPOConfig,
+    GRPOConfigError,
+    beta_kl,
+    group_advantages,
+    ppo_clip_loss,
+    trajectory_log_prob,
+)
+
+
+def test_group_advantages_hand():
+    r = torch.tensor([1.0, 3.0, 10.0, 10.0, 0.0, 6.0])
+    adv = group_advantages(r, group_size=2, eps=0.0 + 1e-12)
+    # groups (1, 3): mean 2, std 1; (10, 10): std 0 -> 0; (0, 6): mean 3, std 3
+    assert torch.allclose(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, -1.0, 1.0]), atol=1e-6)
+    adv = group_advantages(torch.tensor([1.0, 3.0]), group_size=2, eps=1.0)
+    assert torch.allclose(adv, torch.tensor([-0.5, 0.5]))
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), group_size=4)
+
+
+def test_ppo_clip_loss_hand():
+    new = torch.tensor([math.log(1.5), math.log(0.5), math.log(1.1)])
+    old = torch.zeros(3)
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    loss, st = ppo_clip_loss(new, old, adv, clip_eps=0.2)
+    # min(1.5, 1.2) = 1.2; min(-0.5, -0.8) = -0.8; min(2.2, 2.2) = 2.2
+    assert float(loss) == pytest.approx(-(1.2 - 0.8 + 2.2) / 3, abs=1e-6)
+    assert float(st["clip_fraction"]) == pytest.approx(2 / 3)
+    assert float(st["ratio/max"]) == pytest.approx(1.5)
+
+
+def test_ppo_gradient_vanishes_when_clipped():
+    new = torch.tensor([math.log(1.5), math.log(1.1)], requires_grad=True)
+    loss, _ = ppo_clip_loss(new, torch.zeros(2), torch.tensor([1.0, 1.0]), clip_eps=0.2)
+    loss.backward()
+    # d/dlogp of -(ratio * A)/2 is -ratio/2 for the unclipped sample, 0 for the clipped one.
+    assert torch.allclose(new.grad, torch.tensor([0.0, -1.1 / 2]), atol=1e-6)
+
+
+def test_per_step_ratio_broadcasts_advantages():
+    step = torch.tensor([[0.1, -0.1], [0.0, 0.0]])
+    loss, st = ppo_clip_loss(step, torch.zeros(2, 2), torch.tensor([1.0, -2.0]), clip_eps=0.2)
+    expected = -(math.exp(0.1) + math.exp(-0.1) - 2 - 2) / 4
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    assert torch.allclose(trajectory_log_prob(step), torch.tensor([0.0, 0.0]))
+
+
+def test_beta_kl():
+    a = torch.tensor([2.0, 3.0])
+    assert torch.allclose(beta_kl(a, a, a, a), torch.zeros(2), atol=1e-6)
+    assert bool((beta_kl(a, a, a + 1, a) > 0).all())
+
+
+def test_config_rejects_group_not_dividing_batch():
+    with pytest.raises(GRPOConfigError, match=r"batch_size \(20\) must be a multiple of group_size \(16\)"):
+        GRPOConfig(batch_size=20, group_size=16)
+    cfg = GRPOConfig(batch_size=16, group_size=16, minibatch_size=4)
+    with pytest.raises(GRPOConfigError, match="minibatch_size"):
+        cfg.check_processes(8)  # 2 samples per process, minibatch 4
+    with pytest.raises(GRPOConfigError, match="divisible by the number of processes"):
+        cfg.check_processes(3)
+    with pytest.raises(GRPOConfigError, match="ratio must be one of"):
+        GRPOConfig(ratio="token")
+    with pytest.raises(GRPOConfigError, match="exclude each other"):
+        GRPOConfig(resume=True, overwrite=True)

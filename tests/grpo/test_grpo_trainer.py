@@ -1,0 +1,105 @@
+"""The GRPO trainer on a tiny random Flux with a cheap deterministic reward (mean brightness)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from tpm.grpo import GRPOConfig, GRPOConfigError, GRPOTrainer, rollout
+
+from .conftest import PROMPTS, brightness, small_tpm
+
+
+def make_trainer(pipe, out, reward=brightness, seed=0, **overrides):
+    opts = dict(output_dir=str(out), max_iterations=2, group_size=2, batch_size=4, rollout_batch_size=4,
+                minibatch_size=2, num_inference_steps=3, height=32, width=32, learning_rate=1e-2, save_every=1,
+                eval_prompts=0, progress=False)
+    opts.update(overrides)
+    return GRPOTrainer(GRPOConfig(**opts), small_tpm(pipe, seed=seed), pipe, reward, PROMPTS)
+
+
+def params(policy):
+    return {k: v.detach().clone() for k, v in policy.named_parameters()}
+
+
+def test_rollout_keeps_only_replay_inputs(flux_pipe):
+    policy = small_tpm(flux_pipe)
+    batch = rollout(flux_pipe, policy, PROMPTS[:2], [1, 2], num_inference_steps=3, height=32, width=32)
+    assert batch.log_probs.shape == (2, 2)  # K = 3 steps, the first takes no decision (Algorithm 2)
+    assert set(batch.static) == {"text", "pooled"} and "image" in batch.steps and "r" in batch.steps
+    assert batch.images.shape == (2, 3, 32, 32)
+    inputs = batch.replay_inputs(torch.tensor([1, 0]))
+    logp = policy.log_prob(inputs, inputs["r"]).view(2, 2)
+    assert torch.allclose(logp, batch.log_probs[[1, 0]], atol=1e-5)
+    # same seed, same sample, whatever the batch around it
+    again = rollout(flux_pipe, policy, PROMPTS[1:2], [2], num_inference_steps=3, height=32, width=32, explore=False)
+    ref = rollout(flux_pipe, policy, PROMPTS[:2], [1, 2], num_inference_steps=3, height=32, width=32, explore=False)
+    assert torch.allclose(again.images[0], ref.images[1], atol=1e-6)
+
+
+def test_first_epoch_is_on_policy(flux_pipe, tmp_path):
+    tr = make_trainer(flux_pipe, tmp_path, gradient_accumulation=2)  # both minibatches before the first step
+    tr._prepare_output()
+    rec = tr.train_iteration()
+    assert rec["skipped"] == 0.0
+    assert rec["train/ratio/min"] == pytest.approx(1.0, abs=1e-5)
+    assert rec["train/ratio/max"] == pytest.approx(1.0, abs=1e-5)
+    assert rec["train/clip_fraction"] == 0.0
+
+
+def test_one_step_changes_every_parameter(flux_pipe, tmp_path):
+    tr = make_trainer(flux_pipe, tmp_path)
+    tr._prepare_output()
+    before = params(tr.policy)
+    frozen = {k: v.detach().clone() for k, v in flux_pipe.transformer.named_parameters()}
+    tr.train_iteration()
+    after = params(tr.policy)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
+    assert all(torch.equal(v, dict(flux_pipe.transformer.named_parameters())[k]) for k, v in frozen.items())
+
+
+def test_step_ratio_and_kl_option(flux_pipe, tmp_path):
+    tr = make_trainer(flux_pipe, tmp_path, ratio="step", kl_coef=0.1)
+    tr._prepare_output()
+    rec = tr.train_iteration()
+    assert math.isfinite(rec["train/loss"]) and rec["train/kl"] >= 0
+
+
+def test_nan_reward_skips_the_iteration(flux_pipe, tmp_path, caplog):
+    def nan_reward(images, prompts):
+        s = brightness(images, prompts)
+        s[1] = float("nan")
+        return s
+
+    tr = make_trainer(flux_pipe, tmp_path, reward=nan_reward)
+    tr._prepare_output()
+    before = params(tr.policy)
+    with caplog.at_level(logging.WARNING, logger="tpm.grpo"):
+        rec = tr.train_iteration()
+    assert rec["skipped"] == 1.0 and rec["reward/nonfinite"] == 1.0
+    assert "iteration skipped" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in params(tr.policy).items())
+    assert tr.iteration == 1
+
+
+def test_resume_reproduces_the_uninterrupted_run(flux_pipe, tmp_path):
+    full = make_trainer(flux_pipe, tmp_path / "a", max_iterations=3).train()
+    make_trainer(flux_pipe, tmp_path / "b", max_iterations=2).train()
+    resumed_trainer = make_trainer(flux_pipe, tmp_path / "b", max_iterations=3, resume=True, seed=123)
+    resumed = resumed_trainer.train()
+    assert resumed.history[2] == full.history[2]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "policy" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "policy" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a folder holding a run is not silently reused
+    with pytest.raises(GRPOConfigError, match="holds another run"):
+        make_trainer(flux_pipe, tmp_path / "a").train()
+    again = make_trainer(flux_pipe, tmp_path / "a", max_iterations=1, overwrite=True).train()
+    assert again.iterations == 1 and len(again.history) == 1
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["checkpoint-000001"]

@@ -1,0 +1,106 @@
+"""The GRPO training configuration: one typed dataclass, a sentence of help per field.
+
+Counts are in samples (images) unless a field says otherwise; "per process" means per
+``accelerate`` process. Invalid combinations are rejected in ``__post_init__`` with a message
+that says which field to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class GRPOConfigError(ValueError):
+    """A GRPO configuration that cannot run; the message names the field to change."""
+
+
+RATIO_MODES = ("trajectory", "step")
+
+
+@dataclass
+class GRPOConfig:
+    # --- where and how long -------------------------------------------------------------------
+    output_dir: str = field(default="outputs/grpo", metadata={"help": "Run folder: checkpoints/, logs/, policy/."})
+    max_iterations: int = field(default=4000, metadata={"help": "GRPO iterations (one batch of rollouts each)."})
+    seed: int = field(default=42, metadata={"help": "Seeds prompt order, initial noises, action sampling and shuffles."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete a previous run in output_dir and start over."})
+    # --- rollouts -----------------------------------------------------------------------------
+    group_size: int = field(default=16, metadata={"help": "G: samples per prompt from different noises (AsyncDiff: 16)."})
+    batch_size: int = field(default=16, metadata={
+        "help": "Samples per iteration over all processes; a multiple of group_size (batch_size / G prompts)."})
+    rollout_batch_size: int = field(default=16, metadata={
+        "help": "Samples denoised together per backbone call, per process (memory knob only)."})
+    num_inference_steps: int | None = field(default=None, metadata={
+        "help": "Sampling steps K (AsyncDiff: 10 Flux, 15 SD3.5); None = the pipeline's default."})
+    height: int | None = field(default=None, metadata={"help": "Image height in pixels; None = pipeline default."})
+    width: int | None = field(default=None, metadata={"help": "Image width in pixels; None = pipeline default."})
+    sample_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Extra tpm.sample arguments (guidance_scale, true_cfg_scale, negative_prompt, ...)."})
+    # --- optimisation -------------------------------------------------------------------------
+    minibatch_size: int = field(default=4, metadata={"help": "Samples per forward/backward pass, per process."})
+    gradient_accumulation: int = field(default=1, metadata={"help": "Minibatches per optimizer step."})
+    epochs: int = field(default=1, metadata={"help": "Passes over each iteration's rollouts."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (AsyncDiff: 2e-5 Flux, 1e-5 SD3.5)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_iterations: int = field(default=0, metadata={"help": "Linear learning-rate warm-up, in iterations."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip (AsyncDiff: 1.0); 0 disables it."})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range epsilon (AsyncDiff Eq. 14: 0.2)."})
+    ratio: str = field(default="trajectory", metadata={
+        "help": "'trajectory': one ratio of summed step log-probs per sample (Eq. 14-15); 'step': a ratio per step."})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "Weight of KL(policy || frozen initial policy) per decision; 0 disables it."})
+    adv_eps: float = field(default=1e-4, metadata={"help": "eps in (R - mean_group) / (std_group + eps)."})
+    # --- bookkeeping --------------------------------------------------------------------------
+    eval_every: int = field(default=0, metadata={"help": "Evaluate on held-out prompts every N iterations; 0 = only at the end."})
+    eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts used per evaluation (deterministic actions)."})
+    save_every: int = field(default=50, metadata={"help": "Write a checkpoint every N iterations; 0 = only the last."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk (oldest deleted first)."})
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise GRPOConfigError(msg)
+
+        for name in ("max_iterations", "group_size", "batch_size", "rollout_batch_size", "minibatch_size",
+                     "gradient_accumulation", "epochs", "keep_checkpoints"):
+            need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_iterations", "eval_every", "save_every", "eval_prompts"):
+            need(int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.batch_size % self.group_size == 0,
+             f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}): every prompt "
+             f"gets a full group; set batch_size to {max(1, round(self.batch_size / self.group_size)) * self.group_size}")
+        need(self.ratio in RATIO_MODES, f"ratio must be one of {RATIO_MODES}, got {self.ratio!r}")
+        for name in ("learning_rate", "clip_eps", "adv_eps"):
+            v = float(getattr(self, name))
+            need(math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v}")
+        for name in ("weight_decay", "max_grad_norm", "kl_coef"):
+            v = float(getattr(self, name))
+            need(math.isfinite(v) and v >= 0, f"{name} must be a number >= 0, got {v}")
+        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other: pick one")
+        if self.num_inference_steps is not None:
+            need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        need(isinstance(self.sample_kwargs, dict), "sample_kwargs must be a mapping of tpm.sample arguments")
+
+    def check_processes(self, num_processes: int) -> int:
+        """Samples per process; raises when the batch does not split into whole minibatches per process."""
+        if self.batch_size % num_processes:
+            raise GRPOConfigError(
+                f"batch_size ({self.batch_size}) must be divisible by the number of processes ({num_processes})")
+        local = self.batch_size // num_processes
+        if local % self.minibatch_size:
+            raise GRPOConfigError(
+                f"each of the {num_processes} processes holds {local} samples, not a multiple of minibatch_size "
+                f"({self.minibatch_size}); change minibatch_size or batch_size")
+        return local
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
