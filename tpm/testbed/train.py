@@ -185,6 +185,11 @@ class TrainTestbedConfig:
     vae_steps: int = field(default=500, metadata=_help("VAE optimisation steps (when no --vae-path)."))
     vae_batch_size: int = field(default=16, metadata=_help("VAE batch size."))
     steps: int = field(default=1500, metadata=_help("Transformer optimisation steps (the LR schedule's length)."))
+    stop_step: int | None = field(
+        default=None,
+        metadata=_help("Stop after this many steps while keeping the LR schedule of --steps (reproduces a run "
+                       "that --max-minutes cut short: pass its steps_done)."),
+    )
     max_minutes: float | None = field(
         default=None,
         metadata=_help("Stop the transformer stage early after this many wall-clock minutes (the steps done "
@@ -192,7 +197,7 @@ class TrainTestbedConfig:
     )
     batch_size: int = field(default=128, metadata=_help("Transformer batch size (per process)."))
     learning_rate: float = field(default=1e-3, metadata=_help("Peak AdamW learning rate (transformer and text encoders)."))
-    warmup_steps: int = field(default=50, metadata=_help("Linear warm-up steps, then cosine decay to 10 %."))
+    warmup_steps: int = field(default=50, metadata=_help("Linear warm-up steps, then cosine decay to 10 per cent."))
     cond_dropout: float = field(default=0.1, metadata=_help("Probability of training on the empty prompt (for CFG)."))
     ema_decay: float = field(default=0.995, metadata=_help("EMA decay of the weights that are saved and sampled."))
     head_dim: int = field(default=16, metadata=_help("Transformer attention head dim."))
@@ -352,7 +357,9 @@ def train_testbed(cfg: TrainTestbedConfig) -> dict:
         bar.set_postfix(loss=f"{loss_avg:.4f}")
         if step % 10 == 0:
             log({"train/loss": float(loss), "train/lr": sched.get_last_lr()[0]}, step=step)
-        out_of_time = cfg.max_minutes is not None and time.time() - t_train > 60 * cfg.max_minutes
+        out_of_time = (cfg.max_minutes is not None and time.time() - t_train > 60 * cfg.max_minutes) or (
+            cfg.stop_step is not None and step + 1 >= cfg.stop_step
+        )
         if (step + 1) % steps_per_epoch == 0 or step + 1 == cfg.steps or out_of_time:
             for m in trainable:
                 m.eval()
