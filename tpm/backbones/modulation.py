@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -56,13 +57,14 @@ class TokenTime:
         """(P, kD) -> (B, N, kD), or (B, 1, kD) when uniform (broadcasts like the stock path)."""
         if self.img_index is None:
             return emb[:, None]
-        return emb[self.img_index]
+        # F.embedding is an index_select: ~5x faster on CPU than advanced indexing emb[index].
+        return F.embedding(self.img_index, emb)
 
     def text_rows(self, emb: torch.Tensor) -> torch.Tensor:
         """(P, kD) -> (B, 1, kD): one modulation row per sample for its text tokens."""
         if self.txt_index is None:
             return emb[:, None]
-        return emb[self.txt_index][:, None]
+        return F.embedding(self.txt_index, emb)[:, None]
 
 
 def text_time(tau_img: torch.Tensor) -> torch.Tensor:
