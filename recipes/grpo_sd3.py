@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from rewards import RewardError
-from tpm.grpo import GRPOConfig, GRPOConfigError
-from tpm.grpo.recipe import RecipeConfig, parse_args, run
-from tpm.policy import PolicyError
+from tpm.grpo import GRPOConfig
+from tpm.grpo.recipe import RecipeConfig, main
 
 # Sized to finish in a few minutes on a 2-core CPU with the tiny testbed SD3 (32x32 images).
 DEFAULTS = RecipeConfig(
@@ -34,12 +32,5 @@ DEFAULTS = RecipeConfig(
 )
 
 
-def main(argv: list[str] | None = None):
-    try:
-        return run(parse_args(argv, DEFAULTS, description=__doc__.splitlines()[0]))
-    except (GRPOConfigError, PolicyError, RewardError, FileNotFoundError) as e:  # user-fixable: one message
-        raise SystemExit(f"error: {e}") from None
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:], DEFAULTS, description=__doc__.splitlines()[0])

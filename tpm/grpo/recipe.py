@@ -219,3 +219,14 @@ def run(cfg: RecipeConfig) -> Any:
                 after = (result.final_eval or {}).get(k, float("nan"))
                 print(f"  {k:>12}: before {before:.4f}  after {after:.4f}")
     return result
+
+
+def main(argv: list[str] | None, defaults: RecipeConfig, description: str) -> Any:
+    """A recipe script's whole body: parse with ``defaults``, train; user errors become one line."""
+    from rewards import RewardError
+    from tpm.policy import PolicyError
+
+    try:
+        return run(parse_args(argv, defaults, description=description))
+    except (GRPOConfigError, PolicyError, RewardError, FileNotFoundError) as e:  # user-fixable: one message
+        raise SystemExit(f"error: {e}") from None
