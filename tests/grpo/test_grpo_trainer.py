@@ -103,3 +103,19 @@ def test_resume_reproduces_the_uninterrupted_run(flux_pipe, tmp_path):
     again = make_trainer(flux_pipe, tmp_path / "a", max_iterations=1, overwrite=True).train()
     assert again.iterations == 1 and len(again.history) == 1
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["checkpoint-000001"]
+
+
+def test_synchronous_baseline_uses_the_same_noises(flux_pipe, tmp_path):
+    # gamma = 0 pins the pseudo-timestep to the grid's own t_k (AsyncDiff Eq. 12 with no deviation), so
+    # the policy's evaluation must reproduce the synchronous baseline from the same seeds.
+    opts = dict(output_dir=str(tmp_path), max_iterations=1, group_size=2, batch_size=4, rollout_batch_size=2,
+                minibatch_size=2, num_inference_steps=3, height=32, width=32, eval_prompts=3, progress=False)
+    tr = GRPOTrainer(GRPOConfig(**opts), small_tpm(flux_pipe, gamma=0.0), flux_pipe, brightness, PROMPTS,
+                     PROMPTS[:3])
+    sync = tr.evaluate(synchronous=True)
+    pinned = tr.evaluate()
+    assert set(sync) == {"reward"} and pinned["deviation"] != 0.0  # the mode itself is not 0.5
+    assert pinned["reward"] == pytest.approx(sync["reward"], abs=1e-7)
+    moved = GRPOTrainer(GRPOConfig(**opts), small_tpm(flux_pipe, gamma=1.0, init_scale=1.0), flux_pipe, brightness,
+                        PROMPTS, PROMPTS[:3]).evaluate()
+    assert abs(moved["reward"] - sync["reward"]) > 1e-5  # a policy that deviates is told apart

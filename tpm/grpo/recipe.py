@@ -212,12 +212,13 @@ def run(cfg: RecipeConfig) -> Any:
         print(f"logs:   {result.log_dir}  (tensorboard --logdir {result.log_dir})")
         print(f"checkpoints: {os.path.join(g.output_dir, 'checkpoints')}")
         if result.initial_eval or result.final_eval:
-            print(f"held-out reward ({len(evals)} prompts, deterministic actions):")
+            print(f"held-out reward ({len(evals)} prompts, same noises; the policy acts deterministically):")
             keys = sorted(set(result.initial_eval or {}) | set(result.final_eval or {}))
             for k in keys:
                 before = (result.initial_eval or {}).get(k, float("nan"))
                 after = (result.final_eval or {}).get(k, float("nan"))
-                print(f"  {k:>12}: before {before:.4f}  after {after:.4f}")
+                sync = (result.synchronous_eval or {}).get(k, float("nan"))
+                print(f"  {k:>12}: synchronous {sync:.4f}  policy before {before:.4f}  after {after:.4f}")
     return result
 
 

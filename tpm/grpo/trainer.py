@@ -74,6 +74,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     initial_eval: dict[str, float] | None = None
     final_eval: dict[str, float] | None = None
+    synchronous_eval: dict[str, float] | None = None  # the same prompts and noises, shared schedule
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -379,9 +380,11 @@ class GRPOTrainer:
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, prompts: Sequence[str] | None = None, seed: int = 0) -> dict[str, float]:
-        """Mean raw reward (per metric) on ``prompts`` with deterministic actions (the Beta mode), one
-        sample per prompt from fixed seeds; prompts are split over processes and the scores gathered."""
+    def evaluate(self, prompts: Sequence[str] | None = None, seed: int = 0, synchronous: bool = False) -> dict[str, float]:
+        """Mean raw reward (per metric) on ``prompts``, one sample per prompt from fixed seeds; prompts
+        are split over processes and the scores gathered. The policy acts deterministically (the Beta
+        mode); ``synchronous=True`` instead samples with the pipeline's own shared schedule from the
+        same noises, the baseline a trained policy has to beat at equal steps."""
         prompts = list(self.eval_prompts if prompts is None else prompts)
         if not prompts:
             return {}
@@ -391,11 +394,26 @@ class GRPOTrainer:
         lo = acc.process_index * per
         local = padded[lo:lo + per]
         seeds = [seed_for(seed, 5, lo + j) for j in range(per)]
-        self.policy.eval()
-        batch = rollout(self.pipe, self.policy, local, seeds, num_inference_steps=cfg.num_inference_steps,
-                        height=cfg.height, width=cfg.width, rollout_batch_size=cfg.rollout_batch_size,
-                        sample_kwargs=cfg.sample_kwargs, explore=False)
-        out = self.reward(batch.images, batch.prompts)
+        if synchronous:
+            from tpm.sampler import sample
+
+            images = []
+            with torch.no_grad():
+                for s in range(0, per, cfg.rollout_batch_size):
+                    gens = [torch.Generator().manual_seed(int(x)) for x in seeds[s:s + cfg.rollout_batch_size]]
+                    out = sample(self.pipe, local[s:s + cfg.rollout_batch_size], policy=None,
+                                 num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
+                                 generator=gens, output_type="pt", **(cfg.sample_kwargs or {}))
+                    images.append(out.images.float().cpu())
+            images, deviation = torch.cat(images), None
+        else:
+            self.policy.eval()
+            batch = rollout(self.pipe, self.policy, local, seeds, num_inference_steps=cfg.num_inference_steps,
+                            height=cfg.height, width=cfg.width, rollout_batch_size=cfg.rollout_batch_size,
+                            sample_kwargs=cfg.sample_kwargs, explore=False)
+            images = batch.images
+            deviation = batch.steps[getattr(self.policy, "action_key", "r")].flatten(0, 1).reshape(per, -1)
+        out = self.reward(images, local)
         if isinstance(out, Mapping):
             metrics = dict(out)
         elif hasattr(out, "metrics") and out.metrics:
@@ -406,8 +424,9 @@ class GRPOTrainer:
         for k, v in metrics.items():
             g = self._gather(torch.as_tensor(v).reshape(-1))[: len(prompts)]
             result[k] = float(g.mean())
-        r = self._gather(batch.steps[getattr(self.policy, "action_key", "r")].flatten(0, 1).reshape(per, -1))
-        result["deviation"] = float((r[: len(prompts)] - 0.5).mean())
+        if deviation is not None:
+            r = self._gather(deviation)
+            result["deviation"] = float((r[: len(prompts)] - 0.5).mean())
         return result
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -442,18 +461,22 @@ class GRPOTrainer:
                 self.save_checkpoint()
         bar.close()
         final = self.evaluate() if self.eval_prompts else None
+        sync = self.evaluate(synchronous=True) if self.eval_prompts else None
         if final:
             acc.log({f"eval/{k}": v for k, v in final.items()}, step=self.iteration)
+            acc.log({f"eval_synchronous/{k}": v for k, v in sync.items()}, step=self.iteration)
         policy_dir = os.path.join(cfg.output_dir, "policy")
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.policy.save_pretrained(policy_dir)
             with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
                 json.dump({"iterations": self.iteration, "initial_eval": initial, "final_eval": final,
+                           "synchronous_eval": sync,
                            "config": cfg.to_dict()}, f, indent=2)
         acc.wait_for_everyone()
         acc.end_training()
-        return TrainResult(cfg.output_dir, policy_dir, self.log_dir, self.iteration, self.history, initial, final)
+        return TrainResult(cfg.output_dir, policy_dir, self.log_dir, self.iteration, self.history, initial, final,
+                           sync)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -55,12 +55,12 @@ class TestbedModelConfig:
 
     backbone: str = "flux"  # "flux" (FluxPipeline) or "sd3" (StableDiffusion3Pipeline)
     resolution: int = 32  # image side in pixels that training and default sampling use
-    vae_channels: tuple[int, ...] = (16, 32)  # AutoencoderKL block widths; 2**(len-1) is the VAE factor
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # AutoencoderKL block widths; 2**(len-1) is the VAE factor
     latent_channels: int = 8  # VAE latent channels (Flux packs 2x2 of them into one token)
     text_dim: int = 32  # CLIP hidden size (and projection size for SD3's two CLIPs)
     t5_dim: int = 64  # T5 d_model; must be >= 2 * text_dim for SD3 (its CLIP embeds are padded to it)
     text_layers: int = 2  # layers of every text encoder
-    max_sequence_length: int = 16  # tokens per prompt for every tokenizer (prompts are short)
+    max_sequence_length: int = 10  # tokens per prompt for every tokenizer (prompts are short)
     num_heads: int = 4  # transformer attention heads
     head_dim: int = 32  # transformer head dim; Flux rotary axes split it as (d/4, 3d/8, 3d/8)
     num_layers: int = 2  # Flux double-stream blocks / SD3 joint blocks

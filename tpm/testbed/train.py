@@ -168,6 +168,12 @@ class TrainTestbedConfig:
         metadata=_help("Training-time field sampler: 'sync' (logit-normal), 'patchwise', 'perlin' or "
                        "'controlled' (AsyncPatch App. C)."),
     )
+    time_loc: float = field(
+        default=0.5,
+        metadata=_help("Location m of the logit-normal time sigmoid(N(m, s^2)) ('sync' mean, 'controlled' mean_loc). "
+                       "m > 0 trains more at high noise, where the prompt decides the composition."),
+    )
+    time_scale: float = field(default=1.0, metadata=_help("Scale s of the logit-normal time distribution."))
     output_dir: str = field(default="outputs/testbed-flux", metadata=_help("Run folder: logs, grids, vae/, pipeline/."))
     vae_path: str | None = field(
         default=None,
@@ -181,10 +187,14 @@ class TrainTestbedConfig:
     )
     resolution: int = field(default=32, metadata=_help("Image side in pixels."))
     latent_channels: int = field(default=8, metadata=_help("VAE latent channels (Flux packs 2x2 of them per token)."))
-    num_images: int = field(default=10000, metadata=_help("Rendered training images (train split, one epoch)."))
-    vae_steps: int = field(default=500, metadata=_help("VAE optimisation steps (when no --vae-path)."))
+    vae_channels: list[int] = field(
+        default_factory=lambda: [16, 32, 32],
+        metadata=_help("AutoencoderKL block widths; the VAE downsamples by 2**(len - 1), a token covers twice that."),
+    )
+    num_images: int = field(default=20000, metadata=_help("Rendered training images (train split, one epoch)."))
+    vae_steps: int = field(default=800, metadata=_help("VAE optimisation steps (when no --vae-path)."))
     vae_batch_size: int = field(default=16, metadata=_help("VAE batch size."))
-    steps: int = field(default=1500, metadata=_help("Transformer optimisation steps (the LR schedule's length)."))
+    steps: int = field(default=4500, metadata=_help("Transformer optimisation steps (the LR schedule's length)."))
     stop_step: int | None = field(
         default=None,
         metadata=_help("Stop after this many steps while keeping the LR schedule of --steps (reproduces a run "
@@ -195,12 +205,14 @@ class TrainTestbedConfig:
         metadata=_help("Stop the transformer stage early after this many wall-clock minutes (the steps done "
                        "are recorded in train_report.json); None trains all --steps."),
     )
-    batch_size: int = field(default=128, metadata=_help("Transformer batch size (per process)."))
+    batch_size: int = field(default=64, metadata=_help("Transformer batch size (per process)."))
     learning_rate: float = field(default=1e-3, metadata=_help("Peak AdamW learning rate (transformer and text encoders)."))
     warmup_steps: int = field(default=50, metadata=_help("Linear warm-up steps, then cosine decay to 10 per cent."))
     cond_dropout: float = field(default=0.1, metadata=_help("Probability of training on the empty prompt (for CFG)."))
     ema_decay: float = field(default=0.995, metadata=_help("EMA decay of the weights that are saved and sampled."))
-    head_dim: int = field(default=16, metadata=_help("Transformer attention head dim."))
+    max_sequence_length: int = field(
+        default=10, metadata=_help("Text tokens per prompt (the longest testbed prompt is 8 words + <eos>)."))
+    head_dim: int = field(default=32, metadata=_help("Transformer attention head dim."))
     num_heads: int = field(default=4, metadata=_help("Transformer attention heads."))
     num_layers: int = field(default=2, metadata=_help("Flux double-stream / SD3 joint blocks."))
     num_single_layers: int = field(default=2, metadata=_help("Flux single-stream blocks (ignored for sd3)."))
@@ -226,6 +238,7 @@ class TrainTestbedConfig:
 
         return TestbedModelConfig(
             backbone=self.backbone, resolution=self.resolution, latent_channels=self.latent_channels,
+            vae_channels=tuple(self.vae_channels), max_sequence_length=self.max_sequence_length,
             num_heads=self.num_heads, head_dim=self.head_dim,
             num_layers=self.num_layers, num_single_layers=self.num_single_layers,
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
@@ -250,6 +263,15 @@ def _lr_lambda(warmup: int, total: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
     return f
+
+
+def _time_kwargs(cfg: TrainTestbedConfig) -> dict:
+    """The logit-normal location/scale in the keyword names of the chosen sampler."""
+    if cfg.timestep_sampler == "sync":
+        return {"mean": cfg.time_loc, "std": cfg.time_scale}
+    if cfg.timestep_sampler == "controlled":
+        return {"mean_loc": cfg.time_loc, "mean_scale": cfg.time_scale}
+    return {}
 
 
 def train_testbed(cfg: TrainTestbedConfig) -> dict:
@@ -318,7 +340,7 @@ def train_testbed(cfg: TrainTestbedConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
     opt, sched = acc.prepare(opt, sched)
     ema = EMAModel(params, decay=cfg.ema_decay)
-    sampler = get_timestep_sampler(cfg.timestep_sampler)
+    sampler = get_timestep_sampler(cfg.timestep_sampler, **_time_kwargs(cfg))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     h = w = cfg.resolution // mcfg.token_size
     grid_prompts = [it.prompt for it in sample_prompts(cfg.grid_prompts, split="val", seed=cfg.seed)]
