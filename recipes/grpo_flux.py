@@ -25,8 +25,8 @@ DEFAULTS = RecipeConfig(
     train_prompts="testbed:train",
     eval_prompts="testbed:val",
     grpo=GRPOConfig(
-        output_dir="outputs/grpo_flux", max_iterations=40, group_size=8, batch_size=16, rollout_batch_size=16,
-        minibatch_size=4, epochs=1, learning_rate=3e-4, num_inference_steps=10, eval_prompts=32,
+        output_dir="outputs/grpo_flux", max_iterations=100, group_size=8, batch_size=16, rollout_batch_size=16,
+        minibatch_size=4, epochs=1, learning_rate=3e-4, num_inference_steps=10, eval_prompts=128,
         save_every=10,
     ),
 )

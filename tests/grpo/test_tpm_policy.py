@@ -96,6 +96,16 @@ def test_deterministic_mode_and_synchronous_start(flux_pipe):
     assert torch.allclose(out.images, sync.images, atol=1e-5)
 
 
+def test_deterministic_mean_option(flux_pipe):
+    policy = small_tpm(flux_pipe, init_scale=1.0, deterministic="mean")
+    out = _run(flux_pipe, policy, explore=False)
+    for a in out.trajectory.actions[1:]:
+        mean, mode = a.extras["alpha"] / (a.extras["alpha"] + a.extras["beta"]), beta_mode(a.extras["alpha"], a.extras["beta"])
+        assert torch.allclose(a.extras["r"], mean) and not torch.allclose(a.extras["r"], mode)
+    with pytest.raises(PolicyError, match="deterministic"):
+        small_tpm(flux_pipe, deterministic="median")
+
+
 def test_save_load_roundtrip_and_wrong_width(flux_pipe, tmp_path):
     policy = small_tpm(flux_pipe)
     policy.save_pretrained(tmp_path / "p")
