@@ -156,6 +156,12 @@ def run_inpaint(args) -> dict:
     summary = {str(g): {"score": sum(r["score"]) / len(r["score"]),
                         "all_correct": sum(r["correct"]) / len(r["correct"]),
                         "known_tokens_exact": all(r["exact"])} for g, r in res.items()}
+    from tpm.comparison.stats import paired_bootstrap
+
+    base = guid[0]  # same prompts and noises for every strength: paired differences against the first
+    for g in guid[1:]:
+        d = paired_bootstrap(res[g]["score"], res[base]["score"], seed=args.seed)
+        summary[str(g)][f"score_minus_{base}"] = [round(d.estimate, 4), round(d.low, 4), round(d.high, 4)]
     return {"model": args.model, "n": len(items), "num_steps": args.num_steps, "guidance_time": args.guidance_time,
             "ground_truth_score": sum(truth_score) / len(truth_score), "by_input_guidance": summary,
             "png (columns: truth, masked, then one per guidance)": png}
