@@ -17,6 +17,7 @@ test-fast:
 bench:
     python benchmarks/bench_sampler.py
     python benchmarks/bench_rewards.py
+    python benchmarks/bench_grpo.py
 
 lint:
     ruff check tpm policies rewards recipes tests benchmarks
