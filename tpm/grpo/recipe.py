@@ -218,8 +218,13 @@ def run(cfg: RecipeConfig) -> Any:
                 before = (result.initial_eval or {}).get(k, float("nan"))
                 after = (result.final_eval or {}).get(k, float("nan"))
                 sync = (result.synchronous_eval or {}).get(k, float("nan"))
-                print(f"  {k:>12}: synchronous {sync:.4f}  policy before {before:.4f}  after {after:.4f}")
+                print(f"  {k:>12}: synchronous {_fmt(sync)}  policy before {_fmt(before)}  after {_fmt(after)}")
     return result
+
+
+def _fmt(v: float) -> str:
+    """A held-out metric for the summary; '-' where a sampler has none (the synchronous deviation)."""
+    return "   -  " if v != v else f"{v:.4f}"
 
 
 def main(argv: list[str] | None, defaults: RecipeConfig, description: str) -> Any:
