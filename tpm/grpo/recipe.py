@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,7 +225,7 @@ def run(cfg: RecipeConfig) -> Any:
 
 def _fmt(v: float) -> str:
     """A held-out metric for the summary; '-' where a sampler has none (the synchronous deviation)."""
-    return "   -  " if v != v else f"{v:.4f}"
+    return "   -  " if math.isnan(v) else f"{v:.4f}"
 
 
 def main(argv: list[str] | None, defaults: RecipeConfig, description: str) -> Any:
