@@ -11,7 +11,9 @@ import os
 
 from policies import concave as _concave
 from policies.concave import Concave
+from policies.field import FieldPolicy
 from policies.masks import find_objects, mask_from_image
+from policies.shifted import ShiftedGrid
 from policies.spatial import Inpaint, Raster, inpaint_policy, outpaint_policy
 from policies.synchronous import Synchronous
 from policies.tpm import TPM
@@ -25,6 +27,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "synchronous": ("synchronous", {}),
     "tpm": ("tpm", {}),
     "velocity_scale": ("velocity_scale", {}),
+    "field": ("field", {}),
+    "shifted_grid": ("shifted_grid", {}),
     "uncertainty": ("uncertainty_patches", {"source": "x0_change"}),
     **_concave.PRESETS,
 }
@@ -72,5 +76,6 @@ def _variant_options(base: str, variant: str) -> dict:
     return table[variant]
 
 
-__all__ = ["Inpaint", "Raster", "UncertaintyHead", "UncertaintyPatches", "inpaint_policy", "outpaint_policy",
-           "Concave", "Policy", "PolicyError", "Synchronous", "TPM", "VelocityScale", "available", "find_objects", "load", "mask_from_image"]
+__all__ = ["Concave", "FieldPolicy", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
+           "UncertaintyHead", "UncertaintyPatches", "VelocityScale", "available", "find_objects", "inpaint_policy",
+           "load", "mask_from_image", "outpaint_policy"]

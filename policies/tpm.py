@@ -41,19 +41,16 @@ inputs ("image", "temporal", and the per-trajectory "text", "pooled") and the sa
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policies.layers import Block, fourier, pool_text
+from tpm.distributions import BetaActions
 from tpm.fields import synchronous_next
-from tpm.policy import Action, Policy, PolicyError, RunContext, State, register_policy
-
-# Sampled r is kept this far from 0 and 1 so that its log-probability stays finite.
-R_EPS = 1e-5
+from tpm.policy import Action, PolicyError, State, TrainablePolicy, register_policy
 
 
 # ---- the maths of the paper, as pure functions -----------------------------------------------
@@ -64,19 +61,6 @@ def phi(x: torch.Tensor) -> torch.Tensor:
     -17, which would make Beta(1, 1)'s mode 0/0; exp(-12) ~ 6e-6 keeps alpha, beta strictly above 1.
     """
     return torch.where(x > 0, 2 + x + 0.5 * x * x, 1 + torch.exp(torch.clamp(x, min=-12.0, max=0.0)))
-
-
-def beta_mode(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """AsyncDiff Eq. 18: the mode ``(alpha - 1) / (alpha + beta - 2)`` of Beta(alpha, beta), alpha, beta > 1."""
-    return (alpha - 1) / (alpha + beta - 2)
-
-
-def beta_log_prob(alpha: torch.Tensor, beta: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Log-density of Beta(alpha, beta) at r in (0, 1), computed in float64 then cast back."""
-    a, b, x = alpha.double(), beta.double(), r.double()
-    log_norm = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-    out = (a - 1) * torch.log(x) + (b - 1) * torch.log1p(-x) - log_norm
-    return out.to(alpha.dtype)
 
 
 def deviation_factor(r: torch.Tensor, gamma: float = 1.0, lifted_bound: bool = False) -> torch.Tensor:
@@ -152,29 +136,6 @@ class TPMConfig:
             raise PolicyError(f"TPM config: deterministic must be 'mode' or 'mean', got {self.deterministic!r}")
 
 
-class _Block(nn.Module):
-    """Pre-activation transformer block: x + attn(n(x)), then x + mlp(n(x)); n is identity unless layer_norm."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: int, layer_norm: bool):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width) if layer_norm else nn.Identity()
-        self.attn = nn.MultiheadAttention(width, heads, dropout=0.0, batch_first=True)
-        self.norm2 = nn.LayerNorm(width) if layer_norm else nn.Identity()
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-def _fourier(x: torch.Tensor, n: int = 8) -> torch.Tensor:
-    """(B, S) scalars -> (B, S * (2n + 1)) sin/cos features at octave frequencies, plus the raw value."""
-    freqs = (2.0 ** torch.arange(n, device=x.device, dtype=x.dtype)) * math.pi
-    ang = x[..., None] * freqs
-    return torch.cat([x[..., None], ang.sin(), ang.cos()], dim=-1).flatten(1)
-
-
 class TPMNetwork(nn.Module):
     """Inputs -> (alpha, beta). Shared by :class:`TPM` and ``policies.VelocityScale``.
 
@@ -195,7 +156,7 @@ class TPMNetwork(nn.Module):
         self.pooled_in = nn.Linear(cfg.pooled_dim, w)
         self.temporal_in = nn.Sequential(nn.Linear(self.NUM_TEMPORAL * 17, w), nn.GELU(), nn.Linear(w, w))
         self.readout = nn.Parameter(torch.randn(cfg.readout_tokens, w) * 0.02)
-        self.blocks = nn.ModuleList(_Block(w, cfg.heads, cfg.mlp_ratio, cfg.layer_norm) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, cfg.layer_norm) for _ in range(cfg.layers))
         self.head = nn.Sequential(nn.Linear(cfg.readout_tokens * w, w), nn.GELU(), nn.Linear(w, 2))
         nn.init.normal_(self.head[-1].weight, std=cfg.init_scale)
         nn.init.zeros_(self.head[-1].bias)
@@ -206,7 +167,7 @@ class TPMNetwork(nn.Module):
         bsz = img.shape[0]
         tokens = torch.cat([
             self.readout.expand(bsz, -1, -1),
-            self.temporal_in(_fourier(inputs["temporal"].to(dev, dt)))[:, None],
+            self.temporal_in(fourier(inputs["temporal"].to(dev, dt)))[:, None],
             self.pooled_in(inputs["pooled"].to(dev, dt))[:, None],
             self.text_in(inputs["text"].to(dev, dt)) + self.text_pos,
             self.image_in(img) + self.image_pos,
@@ -239,13 +200,13 @@ def network_inputs(state: State, cfg: TPMConfig, prev_cond: torch.Tensor | None,
         raise PolicyError(f"this TPM was built for text_dim={cfg.text_dim}, pooled_dim={cfg.pooled_dim} but the "
                           f"pipeline's prompt embeddings are {emb.shape[-1]} / {state.pooled.shape[-1]} wide; "
                           "build it with TPM.for_pipeline(pipe)")
-    text = F.adaptive_avg_pool1d(emb.transpose(1, 2), cfg.text_tokens).transpose(1, 2)
+    text = pool_text(emb, cfg.text_tokens)
     tau = state.tau.detach().float().flatten(1).mean(1)
     prev_c = tau if prev_cond is None else prev_cond.detach().float().flatten(1).mean(1)
     prev_t = tau if prev_tau is None else prev_tau.detach().float().flatten(1).mean(1)
     step = torch.full_like(tau, state.step / max(state.num_steps, 1))
     temporal = torch.stack([step, tau, prev_c, (prev_t - tau).abs()], dim=1)
-    return {"image": image.contiguous(), "temporal": temporal, "text": text.contiguous(),
+    return {"image": image.contiguous(), "temporal": temporal, "text": text,
             "pooled": state.pooled.detach().float().clone()}
 
 
@@ -260,66 +221,38 @@ def dims_for_pipeline(pipe) -> dict[str, int]:
                           "pass token_dim, text_dim and pooled_dim explicitly") from None
 
 
-class _BetaPolicy(Policy):
-    """Shared machinery of the TPM and the velocity-scale policy: a network giving Beta(alpha, beta) over r.
-
-    ``explore`` (a runtime switch, not config): True draws r ~ Beta (GRPO rollouts); False (the
-    default, and what ``from_pretrained`` gives) uses the mode, Eq. 18, or the mean when
-    ``config.deterministic == "mean"``.
+class BetaPolicy(TrainablePolicy):
+    """What the TPM and the velocity-scale policy share: a :class:`TPMNetwork` giving Beta(alpha, beta)
+    over one scalar ``r`` per sample, trained through the :class:`~tpm.policy.TrainablePolicy`
+    contract. Not exploring, ``r`` is the mode (Eq. 18), or the mean when ``config.deterministic``
+    is ``"mean"``.
     """
 
     config_class = TPMConfig
-    stochastic = True
-    action_key: ClassVar[str] = "r"  # the sampled value inside Action.extras
-    static_extras: ClassVar[tuple[str, ...]] = ("text", "pooled")  # constant over a trajectory
+    static_inputs = ("text", "pooled")  # the prompt's embeddings: the same at every step of a run
 
     def __init__(self, config: TPMConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         self.net = TPMNetwork(self.config)
-        self.explore = False
 
     @classmethod
-    def for_pipeline(cls, pipe, **options) -> _BetaPolicy:
+    def for_pipeline(cls, pipe, **options) -> BetaPolicy:
         """Build with the token/text widths of ``pipe``'s backbone (other options as in TPMConfig)."""
         return cls(**{**dims_for_pipeline(pipe), **options})
 
-    @contextmanager
-    def exploring(self, on: bool = True):
-        old, self.explore = self.explore, on
-        try:
-            yield self
-        finally:
-            self.explore = old
+    def distribution(self, inputs: dict[str, torch.Tensor]) -> BetaActions:
+        alpha, beta = self.net(inputs)
+        return BetaActions({"r": alpha}, {"r": beta})
 
-    def distribution_params(self, extras: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, beta), each (B,), from stored inputs."""
-        return self.net(extras)
-
-    def log_prob(self, extras: dict[str, Any], r: torch.Tensor) -> torch.Tensor:
-        """log Beta(r; alpha, beta) with (alpha, beta) recomputed from ``extras`` (differentiable)."""
-        alpha, beta = self.distribution_params(extras)
-        return beta_log_prob(alpha, beta, r.to(alpha.device, alpha.dtype))
-
-    def _decide(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            alpha, beta = self.net(inputs)
-            if self.explore:
-                r = torch.distributions.Beta(alpha, beta).sample()
-            elif self.config.deterministic == "mean":
-                r = alpha / (alpha + beta)
-            else:
-                r = beta_mode(alpha, beta)
-            r = r.clamp(R_EPS, 1 - R_EPS)
-            logp = beta_log_prob(alpha, beta, r)
-        extras = {**inputs, "r": r, "alpha": alpha, "beta": beta}
-        return r, logp, extras
-
-    def begin(self, ctx: RunContext) -> dict[str, Any]:
-        return {}
+    def decision_stats(self, actions: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The deviation D = r - 0.5 (Eq. 10): 0 is the synchronous sampler."""
+        d = actions["r"].float().flatten() - 0.5
+        return {"deviation/mean": float(d.mean()), "deviation/std": float(d.std(unbiased=False)),
+                "deviation/min": float(d.min()), "deviation/max": float(d.max())}
 
 
 @register_policy("tpm")
-class TPM(_BetaPolicy):
+class TPM(BetaPolicy):
     """AsyncDiff's asynchronous inference (Eq. 6-18, Algorithm 2): see the module docstring."""
 
     def act(self, state: State) -> Action:
@@ -332,11 +265,11 @@ class TPM(_BetaPolicy):
             tau_cond = state.tau.clone()
             action = Action(tau_next=tau_next, tau_cond=tau_cond)
         else:
-            inputs = network_inputs(state, cfg, prev_cond, prev_tau)
-            r, logp, extras = self._decide(inputs)
-            eta = deviation_factor(r, cfg.gamma, cfg.lifted_bound)
+            decision = self.decide(network_inputs(state, cfg, prev_cond, prev_tau))
+            eta = deviation_factor(decision.action["r"], cfg.gamma, cfg.lifted_bound)
             tau_cond = pseudo_timestep(prev_tau.to(state.tau.device), state.tau, eta, cfg.sigma_min)
-            action = Action(tau_next=tau_next, tau_cond=tau_cond.to(state.tau.dtype), log_prob=logp, extras=extras)
+            action = Action(tau_next=tau_next, tau_cond=tau_cond.to(state.tau.dtype), log_prob=decision.log_prob,
+                            extras=decision.record)
         memory["prev_tau"] = state.tau.detach()
         memory["prev_cond"] = action.tau_cond.detach()
         return action

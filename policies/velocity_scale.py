@@ -14,23 +14,22 @@ are zeros there).
 
 from __future__ import annotations
 
-from policies.tpm import _BetaPolicy, deviation_factor, network_inputs
+from policies.tpm import BetaPolicy, deviation_factor, network_inputs
 from tpm.fields import synchronous_next
 from tpm.policy import Action, State, register_policy
 
 
 @register_policy("velocity_scale")
-class VelocityScale(_BetaPolicy):
+class VelocityScale(BetaPolicy):
     """Per-sample step scale w = 0.5 + r (AsyncDiff Eq. 20) learned with GRPO."""
 
     def act(self, state: State) -> Action:
         cfg = self.config
         memory = state.memory
-        inputs = network_inputs(state, cfg, memory.get("prev_cond"), memory.get("prev_tau"))
-        r, logp, extras = self._decide(inputs)
+        decision = self.decide(network_inputs(state, cfg, memory.get("prev_cond"), memory.get("prev_tau")))
         # Eq. 20 is w = 0.5 + r; deviation_factor gives exactly that at gamma = 1, unlifted.
-        w = deviation_factor(r, cfg.gamma, cfg.lifted_bound)
+        w = deviation_factor(decision.action["r"], cfg.gamma, cfg.lifted_bound)
         memory["prev_tau"] = state.tau.detach()
         memory["prev_cond"] = state.tau.detach()
         return Action(tau_next=synchronous_next(state), tau_cond=None, step_scale=w.to(state.tau.dtype),
-                      log_prob=logp, extras=extras)
+                      log_prob=decision.log_prob, extras=decision.record)

@@ -1,6 +1,6 @@
 """The policy interface: what a timestep policy sees, what it returns, how it is saved.
 
-Notation (``SPEC.md`` §1, flow-matching convention): a token's noise time ``tau`` lies in
+Notation (flow-matching convention): a token's noise time ``tau`` lies in
 [0, 1], 1 = pure noise, 0 = clean. A *field* is a tensor of shape (B, h, w) on the backbone's
 token grid. At step k of K the sampler holds the latents ``x_k`` and the update field
 ``tau_k``; a policy maps the :class:`State` to an :class:`Action`:
@@ -8,6 +8,10 @@ token grid. At step k of K the sampler holds the latents ``x_k`` and the update 
 - ``tau_next``: the update field after this step (where each token will be);
 - ``tau_cond``: the conditioning field the denoiser is queried at (``None`` means ``tau_k``);
 - ``log_prob``: for stochastic policies, the log-probability of the action (GRPO needs it).
+
+Policies that GRPO trains subclass :class:`TrainablePolicy`, whose docstring is the contract the
+trainer relies on (sampling with a log-probability, the deterministic action, the replay record,
+KL to a reference, logged statistics).
 
 Every policy is an ``nn.Module`` (most hold no weights) with a config dataclass. It saves to a
 directory as ``config.json`` (+ ``model.safetensors`` when it has weights) and loads with
@@ -23,6 +27,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -236,6 +241,108 @@ class Policy(nn.Module):
                 )
             policy.load_state_dict(loaded, strict=True)
         return policy.eval()
+
+
+
+# ---- the trainable-policy contract (what GRPO relies on) ------------------------------------------
+ACTION_PREFIX = "action:"
+
+
+@dataclass
+class Decision:
+    """One step's decision: the action parts, their log-probability and the replay record.
+
+    ``record`` holds exactly what :meth:`TrainablePolicy.log_prob` needs to score the action again
+    without the backbone: the network inputs (detached) and every action part under
+    ``"action:<part>"``. Each tensor's first dimension is the batch.
+    """
+
+    action: dict[str, torch.Tensor]
+    log_prob: torch.Tensor  # (B,)
+    record: dict[str, torch.Tensor]
+
+
+def split_record(record: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(inputs, action parts) of a decision record."""
+    inputs = {k: v for k, v in record.items() if not k.startswith(ACTION_PREFIX)}
+    action = {k[len(ACTION_PREFIX):]: v for k, v in record.items() if k.startswith(ACTION_PREFIX)}
+    return inputs, action
+
+
+class TrainablePolicy(Policy):
+    """The contract of every policy GRPO trains; ``tpm.grpo`` uses nothing else.
+
+    1. **Sampling with a log-probability.** At a step where it decides, the policy builds its
+       network inputs from the :class:`State` and calls :meth:`decide`, which asks
+       :meth:`distribution` for a :class:`tpm.distributions.BetaActions` and draws from it when
+       ``explore`` is on (GRPO rollouts; :meth:`exploring` switches it for a block). ``act`` turns
+       the action into fields and returns an :class:`Action` with ``log_prob`` (B,) set and
+       ``extras`` = the decision's record. Steps without a decision leave ``log_prob`` None.
+    2. **The deterministic action.** With ``explore`` off (the default, and what
+       ``from_pretrained`` returns) :meth:`decide` takes the mode (or the mean where the config's
+       ``deterministic`` says so), so sampling with the policy is deterministic given the noise.
+    3. **The replay record.** ``Action.extras`` holds the network inputs (detached) and the action
+       parts under ``"action:<part>"``; :meth:`log_prob` recomputes the log-probability from it
+       alone, with gradients. Keys in ``static_inputs`` are the same at every step of a run (the
+       prompt embeddings), so a rollout stores them once per sample. Every decision of a run has
+       the same keys and shapes.
+    4. **KL to a reference.** :meth:`kl` gives KL(self || reference) per sample at recorded inputs
+       (the reference is usually a frozen copy of the starting policy).
+    5. **Statistics.** :meth:`decision_stats` maps a batch of action parts, stacked (N, S, ...)
+       over N samples and S decisions, to named floats the trainer logs and prints.
+    """
+
+    stochastic = True
+    static_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        self.explore = False  # a runtime switch, not config: never saved
+
+    @contextmanager
+    def exploring(self, on: bool = True):
+        """Within the block the policy samples its actions (on) or acts deterministically (off)."""
+        old, self.explore = self.explore, on
+        try:
+            yield self
+        finally:
+            self.explore = old
+
+    # --- what a trainable policy implements ---------------------------------------------------
+    def distribution(self, inputs: dict[str, torch.Tensor]):
+        """The :class:`tpm.distributions.BetaActions` of the action at ``inputs`` (differentiable)."""
+        raise NotImplementedError
+
+    def decision_stats(self, actions: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Named statistics of a batch of action parts, each (N, S, ...). Default: mean of each part."""
+        return {f"action/{k}": float(v.float().mean()) for k, v in actions.items()}
+
+    # --- provided -----------------------------------------------------------------------------
+    def decide(self, inputs: dict[str, torch.Tensor]) -> Decision:
+        """Sample (exploring) or take the deterministic action at ``inputs``, without gradients."""
+        with torch.no_grad():
+            dist = self.distribution(inputs)
+            if self.explore:
+                action = dist.sample()
+            elif getattr(self.config, "deterministic", "mode") == "mean":
+                action = dist.mean()
+            else:
+                action = dist.mode()
+            logp = dist.log_prob(action)
+        record = {**inputs, **{ACTION_PREFIX + k: v for k, v in action.items()}}
+        return Decision(action=action, log_prob=logp, record=record)
+
+    def log_prob(self, record: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) log-probability of the recorded action under the current parameters (differentiable)."""
+        inputs, action = split_record(record)
+        return self.distribution(inputs).log_prob(action)
+
+    def kl(self, record: dict[str, torch.Tensor], reference: TrainablePolicy) -> torch.Tensor:
+        """(B,) KL(self || reference) at the recorded inputs; no gradient flows into ``reference``."""
+        inputs, _ = split_record(record)
+        with torch.no_grad():
+            ref = reference.distribution(inputs)
+        return self.distribution(inputs).kl(ref)
 
 
 def read_policy_config(path: str | os.PathLike) -> dict[str, Any]:

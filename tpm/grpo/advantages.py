@@ -1,7 +1,7 @@
 """Group-relative advantages (GRPO; AsyncDiff §3.3 and §4.1): pure functions on tensors.
 
-``rewards.stats`` holds the same maths for the reward package, but ``tpm`` (core) must not import
-``rewards``, so the trainer uses this small copy of the formula, tested on its own.
+This is the one implementation of the formula; ``rewards.stats`` uses it too (rewards may import
+tpm, not the other way round).
 """
 
 from __future__ import annotations

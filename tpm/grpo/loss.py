@@ -38,9 +38,3 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
         }
     return loss, stats
 
-
-def beta_kl(alpha: torch.Tensor, beta: torch.Tensor, ref_alpha: torch.Tensor, ref_beta: torch.Tensor) -> torch.Tensor:
-    """KL(Beta(alpha, beta) || Beta(ref_alpha, ref_beta)), elementwise, closed form."""
-    p = torch.distributions.Beta(alpha, beta, validate_args=False)
-    q = torch.distributions.Beta(ref_alpha, ref_beta, validate_args=False)
-    return torch.distributions.kl_divergence(p, q)

@@ -1,29 +1,24 @@
 """The GRPO loop: rollouts -> rewards -> group advantages -> PPO-clip epochs on the policy alone.
 
-Wires the pure pieces of ``tpm.grpo`` (rollout, advantages, loss) with ``accelerate`` for devices
-and processes (SPEC §2):
+The loop wires small pieces: :mod:`~tpm.grpo.rollout` (sampling with the frozen backbone),
+:mod:`~tpm.grpo.reward` (the reward contract), :mod:`~tpm.grpo.advantages` and
+:mod:`~tpm.grpo.loss` (the maths), :mod:`~tpm.grpo.checkpoint` (run folders, exact resume),
+:mod:`~tpm.grpo.evaluation` (held-out scores) and :mod:`~tpm.grpo.seeds` (named seed streams).
+It uses only the :class:`tpm.policy.TrainablePolicy` contract of the policy: ``exploring``,
+``log_prob(record)``, ``kl(record, reference)`` and ``decision_stats``.
 
-- every iteration draws ``batch_size / group_size`` prompts and gives each a group of
-  ``group_size`` samples with different seeded noises; the samples are split over processes,
-  each process rolls out its share with the frozen backbone under ``no_grad``;
-- rewards are gathered from all processes before the group advantages are computed, so groups
-  may span processes; a reward with a NaN skips the iteration (logged) and training goes on;
-- the update replays the stored inputs through the policy network only, for ``epochs`` passes
-  of minibatches; gradients are averaged over processes by hand (an ``all_reduce`` through
+- Every iteration draws ``batch_size / group_size`` prompts and gives each a group of
+  ``group_size`` samples from different seeded noises; the samples are split over ``accelerate``
+  processes, each rolls out its share with the frozen backbone under ``no_grad``.
+- Rewards are gathered from all processes before the group advantages are computed, so groups
+  may span processes; a NaN reward skips the iteration (logged) and training goes on.
+- The update replays the stored records through the policy network only, for ``epochs`` passes
+  of minibatches. Gradients are averaged over processes by hand (one ``all_reduce`` through
   ``accelerator.reduce``) because replay calls ``policy.log_prob``, not ``forward``, which DDP's
   wrapper would need; identical start weights (broadcast from process 0) and identical averaged
-  gradients keep the processes' weights identical;
-- every random draw of iteration i is seeded from (seed, i): prompt order, noises, the policy's
-  action draws and minibatch shuffles; with the policy, optimizer and scheduler states restored,
-  ``resume`` therefore continues exactly as the uninterrupted run would have;
-- checkpoints are written to a temporary folder and renamed (atomic on one filesystem). We do
-  not use ``accelerator.save_state`` because its RNG files are pickles that need
-  ``torch.load(weights_only=False)``; ours are safetensors, JSON and a ``weights_only`` file.
-
-The reward is any callable ``reward(images, prompts)`` returning (N,) scores, or a mapping
-metric -> (N,) raw scores together with ``combine(metrics) -> (N,)`` (e.g. AsyncDiff Eq. 16's
-z-scored sum, applied to the gathered batch), or an object with ``.total`` / ``.metrics``.
-``tpm`` does not import ``rewards`` or ``policies``: the recipe passes the objects in.
+  gradients keep the processes' weights identical.
+- With the policy, optimizer, scheduler and RNG states restored, ``resume`` continues exactly as the
+  uninterrupted run would have, because every draw is seeded from its own coordinates.
 """
 
 from __future__ import annotations
@@ -33,36 +28,24 @@ import json
 import logging
 import math
 import os
-import random
-import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tpm.grpo import checkpoint as ckpt
 from tpm.grpo.advantages import advantage_stats, group_advantages
 from tpm.grpo.config import GRPOConfig, GRPOConfigError
-from tpm.grpo.loss import beta_kl, ppo_clip_loss, trajectory_log_prob
+from tpm.grpo.evaluation import EvalResult, evaluate
+from tpm.grpo.loss import ppo_clip_loss, trajectory_log_prob
+from tpm.grpo.reward import TrainingReward, training_reward
 from tpm.grpo.rollout import RolloutBatch, rollout
-from tpm.policy import Policy
+from tpm.grpo.seeds import Stream, seed_for
+from tpm.policy import TrainablePolicy
 
 logger = logging.getLogger("tpm.grpo")
-
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-TRAINING_STATE = "training_state.pt"
-RUN_MARKERS = (CHECKPOINTS, "policy", "run.json")
-
-
-def seed_for(seed: int, *parts: int) -> int:
-    """A 63-bit seed derived from ``seed`` and integers (iteration, sample index, ...)."""
-    h = int(seed) & 0xFFFFFFFF
-    for p in parts:
-        h = (h * 6364136223846793005 + int(p) + 1442695040888963407) % (1 << 63)
-    return h
 
 
 @dataclass
@@ -72,35 +55,8 @@ class TrainResult:
     log_dir: str
     iterations: int
     history: list[dict[str, float]] = field(default_factory=list)
-    initial_eval: dict[str, float] | None = None
-    final_eval: dict[str, float] | None = None
-    synchronous_eval: dict[str, float] | None = None  # the same prompts and noises, shared schedule
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    root = os.path.join(output_dir, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return None
-    done = [d for d in os.listdir(root) if d.startswith("checkpoint-") and
-            os.path.isfile(os.path.join(root, d, STATE_FILE))]
-    if not done:
-        return None
-    return os.path.join(root, max(done, key=lambda d: int(d.split("-")[1])))
-
-
-def check_output_dir(config: GRPOConfig) -> bool:
-    """Refuse a folder holding another run unless resuming / overwriting; True if it must be cleared."""
-    out = config.output_dir
-    has_run = any(os.path.exists(os.path.join(out, m)) for m in RUN_MARKERS)
-    if config.resume:
-        if latest_checkpoint(out) is None:
-            raise GRPOConfigError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start")
-        return False
-    if has_run and not config.overwrite:
-        raise GRPOConfigError(f"{out} holds another run; pass --resume to continue it, --overwrite to "
-                              "replace it, or choose another --output-dir")
-    return has_run
+    initial_eval: dict[str, float] | None = None  # held-out means before training
+    final_eval: dict[str, float] | None = None  # ... and after
 
 
 class GRPOTrainer:
@@ -108,27 +64,26 @@ class GRPOTrainer:
 
     Args:
         config: a :class:`GRPOConfig`.
-        policy: a stochastic policy (``log_prob(extras, action)``, ``explore``, ``action_key``).
-        pipe: a diffusers pipeline ``tpm.sample`` accepts; never trained.
-        reward: the reward callable (contract above).
+        policy: a :class:`tpm.policy.TrainablePolicy`.
+        pipe: a diffusers pipeline ``tpm.sample`` accepts (or a backbone adapter); never trained.
+        reward: a :class:`tpm.grpo.reward.TrainingReward`, or a callable ``(images, prompts) -> scores``
+            (with ``combine`` when it returns a mapping of metrics).
         train_prompts / eval_prompts: prompt lists; eval prompts are scored with deterministic actions.
         accelerator: an ``accelerate.Accelerator``; by default one logging to tensorboard in OUTPUT/logs.
-        combine: maps gathered per-metric scores to the total reward (needed when ``reward`` returns a mapping).
     """
 
-    def __init__(self, config: GRPOConfig, policy: Policy, pipe, reward: Callable, train_prompts: Sequence[str],
-                 eval_prompts: Sequence[str] | None = None, *, accelerator=None,
+    def __init__(self, config: GRPOConfig, policy: TrainablePolicy, pipe, reward: Callable | TrainingReward,
+                 train_prompts: Sequence[str], eval_prompts: Sequence[str] | None = None, *, accelerator=None,
                  combine: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None):
-        if not getattr(policy, "stochastic", False) or not hasattr(policy, "log_prob"):
-            raise GRPOConfigError(f"{type(policy).__name__} cannot be trained with GRPO: it has no log-probability "
-                                  "(use a stochastic policy such as policies.TPM)")
+        if not isinstance(policy, TrainablePolicy):
+            raise GRPOConfigError(f"{type(policy).__name__} cannot be trained with GRPO: it is not a "
+                                  "TrainablePolicy (use policies.TPM, policies.VelocityScale or policies.FieldPolicy)")
         if not train_prompts:
             raise GRPOConfigError("train_prompts is empty; give at least one training prompt")
         self.config = config
         self.policy = policy
         self.pipe = pipe
-        self.reward = reward
-        self.combine = combine
+        self.reward = training_reward(reward, combine)
         self.train_prompts = list(train_prompts)
         self.eval_prompts = list(eval_prompts or [])[: config.eval_prompts] if config.eval_prompts else []
         self.log_dir = os.path.join(config.output_dir, "logs")
@@ -155,82 +110,41 @@ class GRPOTrainer:
             self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
         self.iteration = 0
         self.history: list[dict[str, float]] = []
-        self.initial_eval: dict[str, float] | None = None  # held-out reward before training
+        self.initial_eval: dict[str, float] | None = None
 
-    # ---- output folder ------------------------------------------------------------------------
+    # ---- output folder and checkpoints -----------------------------------------------------------
     def _prepare_output(self) -> None:
-        cfg, out = self.config, self.config.output_dir
-        if check_output_dir(cfg):
-            self.accelerator.wait_for_everyone()
-            if self.accelerator.is_main_process:
-                for m in (*RUN_MARKERS, "logs"):
-                    path = os.path.join(out, m)
-                    if os.path.isdir(path):
-                        shutil.rmtree(path)
-                    elif os.path.exists(path):
-                        os.remove(path)
+        cfg = self.config
+        clear = ckpt.check_output_dir(cfg)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            os.makedirs(out, exist_ok=True)
+            if clear:
+                ckpt.clear_run(cfg.output_dir)
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        self.accelerator.wait_for_everyone()
 
     def latest_checkpoint(self) -> str | None:
-        return latest_checkpoint(self.config.output_dir)
+        return ckpt.latest_checkpoint(self.config.output_dir)
 
-    # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> str | None:
         """Write checkpoint-<iteration> atomically (main process); returns its path there."""
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
         if acc.is_main_process:
-            root = os.path.join(self.config.output_dir, CHECKPOINTS)
-            os.makedirs(root, exist_ok=True)
-            name = f"checkpoint-{self.iteration:06d}"
-            tmp = os.path.join(root, f".tmp-{name}")
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-            self.policy.save_pretrained(os.path.join(tmp, "policy"))
-            if self.reference is not None:  # the KL anchor must survive a resume too
-                self.reference.save_pretrained(os.path.join(tmp, "reference"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, os.path.join(tmp, TRAINING_STATE))
-            state = {"iteration": self.iteration, "history": self.history, "config": self.config.to_dict(),
-                     "initial_eval": self.initial_eval,
-                     "python_rng": _jsonable(random.getstate()),
-                     "numpy_rng": _jsonable(np.random.get_state())}
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(state, f)
-            path = os.path.join(root, name)
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-            done = sorted((d for d in os.listdir(root) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
-            for old in done[: -self.config.keep_checkpoints]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            state = {"history": self.history, "config": self.config.to_dict(), "initial_eval": self.initial_eval}
+            path = ckpt.save_checkpoint(self.config.output_dir, self.iteration, self.policy, self.reference,
+                                        self.optimizer, self.scheduler, state, self.config.keep_checkpoints)
         acc.wait_for_everyone()
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        from safetensors.torch import load_file
-
-        weights = os.path.join(path, "policy", "model.safetensors")
-        self.policy.load_state_dict({k: v.to(self.device) for k, v in load_file(weights).items()}, strict=True)
-        ref = os.path.join(path, "reference", "model.safetensors")
-        if self.reference is not None and os.path.isfile(ref):
-            self.reference.load_state_dict({k: v.to(self.device) for k, v in load_file(ref).items()}, strict=True)
-        st = torch.load(os.path.join(path, TRAINING_STATE), weights_only=True, map_location="cpu")
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["torch_rng"])
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
+        state = ckpt.load_checkpoint(path, self.policy, self.reference, self.optimizer, self.scheduler, self.device)
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.initial_eval = state.get("initial_eval")
-        random.setstate(_python_state(state["python_rng"]))
-        np.random.set_state(_numpy_state(state["numpy_rng"]))
 
-    # ---- one iteration ------------------------------------------------------------------------
+    # ---- one iteration ---------------------------------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[str]:
         """The ``batch_size / group_size`` prompts of an iteration: a seeded shuffle per pass over the data."""
         n_prompts = self.config.batch_size // self.config.group_size
@@ -238,7 +152,8 @@ class GRPOTrainer:
         out = []
         for j in range(n_prompts):
             idx = iteration * n_prompts + j
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(self.config.seed, 7, idx // n)))
+            order = seed_for(self.config.seed, Stream.PROMPT_ORDER, idx // n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(order))
             out.append(self.train_prompts[int(perm[idx % n])])
         return out
 
@@ -250,26 +165,12 @@ class GRPOTrainer:
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Gathered total reward (all processes, sample order) and gathered per-metric raw scores."""
-        out = self.reward(batch.images, batch.prompts)
-        metrics: dict[str, torch.Tensor] = {}
-        total = None
-        if isinstance(out, Mapping):
-            metrics = {k: torch.as_tensor(v).reshape(-1) for k, v in out.items()}
-        elif hasattr(out, "total"):
-            total = torch.as_tensor(out.total).reshape(-1)
-            metrics = {k: torch.as_tensor(v).reshape(-1) for k, v in getattr(out, "metrics", {}).items()}
+        metrics = {k: self._gather(torch.as_tensor(v).reshape(-1)) for k, v in
+                   self.reward.metrics(batch.images, batch.prompts).items()}
+        if all(bool(torch.isfinite(v).all()) for v in metrics.values()):
+            total = torch.as_tensor(self.reward.combine(metrics)).float().reshape(-1)
         else:
-            total = torch.as_tensor(out).reshape(-1)
-        metrics = {k: self._gather(v) for k, v in metrics.items()}
-        finite = all(bool(torch.isfinite(v).all()) for v in metrics.values())
-        if self.combine is not None and metrics:
-            total = self.combine(metrics) if finite else torch.full_like(next(iter(metrics.values())), math.nan)
-            total = torch.as_tensor(total).float().reshape(-1)
-        elif total is not None:
-            total = self._gather(total)
-        else:
-            raise GRPOConfigError("the reward returned per-metric scores but no `combine` function was given to "
-                                  "turn them into one reward")
+            total = torch.full((self.config.batch_size,), math.nan)
         if total.numel() != self.config.batch_size:
             raise GRPOConfigError(f"the reward returned {total.numel()} scores for {self.config.batch_size} samples")
         return total, metrics
@@ -277,19 +178,22 @@ class GRPOTrainer:
     def rollout_iteration(self, iteration: int) -> RolloutBatch:
         cfg, acc = self.config, self.accelerator
         prompts = [p for p in self.iteration_prompts(iteration) for _ in range(cfg.group_size)]
-        seeds = [seed_for(cfg.seed, 1, iteration, j) for j in range(cfg.batch_size)]
+        seeds = [seed_for(cfg.seed, Stream.NOISE, iteration, j) for j in range(cfg.batch_size)]
         lo = acc.process_index * self.local_batch
         hi = lo + self.local_batch
-        torch.manual_seed(seed_for(cfg.seed, 2, iteration, acc.process_index))  # the policy's action draws
+        torch.manual_seed(seed_for(cfg.seed, Stream.ACTIONS, iteration, acc.process_index))
         self.policy.eval()
-        return rollout(self.pipe, self.policy, prompts[lo:hi], seeds[lo:hi],
-                       num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
-                       rollout_batch_size=cfg.rollout_batch_size, sample_kwargs=cfg.sample_kwargs)
+        batch = rollout(self.pipe, self.policy, prompts[lo:hi], seeds[lo:hi],
+                        num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
+                        rollout_batch_size=cfg.rollout_batch_size, sample_kwargs=cfg.sample_kwargs, explore=True)
+        if batch.num_decisions == 0:
+            raise GRPOConfigError(f"{type(self.policy).__name__} took no decision in a rollout of "
+                                  f"{cfg.num_inference_steps} steps; nothing to train")
+        return batch
 
     def update(self, batch: RolloutBatch, advantages: torch.Tensor, iteration: int) -> dict[str, float]:
         """Epochs of PPO-clip minibatches over the stored rollouts; returns averaged statistics."""
-        cfg = self.config
-        policy, key = self.policy, getattr(self.policy, "action_key", "r")
+        cfg, policy = self.config, self.policy
         policy.train()
         n, s = len(batch), batch.num_decisions
         adv = advantages.to(self.device)
@@ -300,11 +204,12 @@ class GRPOTrainer:
         n_mb = math.ceil(n / cfg.minibatch_size)
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(cfg.seed, 3, iteration, epoch)))
+            shuffle = seed_for(cfg.seed, Stream.SHUFFLE, iteration, epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle))
             for m in range(n_mb):
                 idx = order[m * cfg.minibatch_size:(m + 1) * cfg.minibatch_size]
-                inputs = {k: v.to(self.device) for k, v in batch.replay_inputs(idx).items()}
-                logp = policy.log_prob(inputs, inputs[key]).view(len(idx), s)
+                record = {k: v.to(self.device) for k, v in batch.records(idx).items()}
+                logp = policy.log_prob(record).view(len(idx), s)
                 if cfg.ratio == "trajectory":
                     loss, st = ppo_clip_loss(trajectory_log_prob(logp), trajectory_log_prob(old[idx]), adv[idx],
                                              cfg.clip_eps)
@@ -313,10 +218,7 @@ class GRPOTrainer:
                 if first_ratio is None:
                     first_ratio = float(st["ratio/mean"])
                 if self.reference is not None:
-                    a, b = policy.distribution_params(inputs)
-                    with torch.no_grad():
-                        ra, rb = self.reference.distribution_params(inputs)
-                    kl = beta_kl(a, b, ra, rb).mean()
+                    kl = policy.kl(record, self.reference).mean()
                     loss = loss + cfg.kl_coef * kl
                     st["kl"] = kl.detach()
                 (loss / cfg.gradient_accumulation).backward()
@@ -343,7 +245,8 @@ class GRPOTrainer:
         if self.config.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+            grads = [p.grad.norm() for p in self.params if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -365,10 +268,8 @@ class GRPOTrainer:
             adv = group_advantages(total, cfg.group_size, cfg.adv_eps)
             lo = self.accelerator.process_index * self.local_batch
             record.update({"skipped": 0.0, "reward/total": float(total.mean()), **advantage_stats(adv)})
-            r = self._gather(batch.steps[getattr(self.policy, "action_key", "r")].flatten())
-            dev = r - 0.5
-            record.update({"deviation/mean": float(dev.mean()), "deviation/std": float(dev.std(unbiased=False)),
-                           "deviation/min": float(dev.min()), "deviation/max": float(dev.max())})
+            actions = {k: self._gather(v.flatten(1)).view(-1, *v.shape[1:]) for k, v in batch.actions.items()}
+            record.update(self.policy.decision_stats(actions))
             record.update(self.update(batch, adv[lo:lo + self.local_batch], it))
             self.scheduler.step()  # the schedule counts iterations that updated the policy
         record["lr"] = float(self.scheduler.get_last_lr()[0])
@@ -378,65 +279,41 @@ class GRPOTrainer:
         self.accelerator.log({k: v for k, v in record.items() if k != "iteration"}, step=it)
         return record
 
-    # ---- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, prompts: Sequence[str] | None = None, seed: int = 0, synchronous: bool = False) -> dict[str, float]:
-        """Mean raw reward (per metric) on ``prompts``, one sample per prompt from fixed seeds; prompts
-        are split over processes and the scores gathered. The policy acts deterministically (the Beta
-        mode); ``synchronous=True`` instead samples with the pipeline's own shared schedule from the
-        same noises, the baseline a trained policy has to beat at equal steps."""
+    # ---- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, prompts: Sequence[str] | None = None, policy: Any = "trained", *, seed: int = 0,
+                 num_inference_steps: int | None = None, keep_images: int = 0) -> EvalResult | None:
+        """Held-out scores of the trained policy (``policy="trained"``), of ``None`` (synchronous) or of any
+        fixed policy, on the evaluation noises (:mod:`tpm.grpo.evaluation`) with this run's sampling settings."""
         prompts = list(self.eval_prompts if prompts is None else prompts)
         if not prompts:
-            return {}
-        acc, cfg = self.accelerator, self.config
-        per = math.ceil(len(prompts) / acc.num_processes)
-        padded = prompts + [prompts[-1]] * (per * acc.num_processes - len(prompts))
-        lo = acc.process_index * per
-        local = padded[lo:lo + per]
-        seeds = [seed_for(seed, 5, lo + j) for j in range(per)]
-        if synchronous:
-            from tpm.sampler import sample
+            return None
+        cfg = self.config
+        pol = self.policy if isinstance(policy, str) and policy == "trained" else policy
+        return evaluate(self.pipe, pol, prompts, self.reward, accelerator=self.accelerator, seed=seed,
+                        num_inference_steps=num_inference_steps or cfg.num_inference_steps, height=cfg.height,
+                        width=cfg.width, rollout_batch_size=cfg.rollout_batch_size, sample_kwargs=cfg.sample_kwargs,
+                        keep_images=keep_images)
 
-            images = []
-            with torch.no_grad():
-                for s in range(0, per, cfg.rollout_batch_size):
-                    gens = [torch.Generator().manual_seed(int(x)) for x in seeds[s:s + cfg.rollout_batch_size]]
-                    out = sample(self.pipe, local[s:s + cfg.rollout_batch_size], policy=None,
-                                 num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
-                                 generator=gens, output_type="pt", **(cfg.sample_kwargs or {}))
-                    images.append(out.images.float().cpu())
-            images, deviation = torch.cat(images), None
-        else:
-            self.policy.eval()
-            batch = rollout(self.pipe, self.policy, local, seeds, num_inference_steps=cfg.num_inference_steps,
-                            height=cfg.height, width=cfg.width, rollout_batch_size=cfg.rollout_batch_size,
-                            sample_kwargs=cfg.sample_kwargs, explore=False)
-            images = batch.images
-            deviation = batch.steps[getattr(self.policy, "action_key", "r")].flatten(0, 1).reshape(per, -1)
-        out = self.reward(images, local)
-        if isinstance(out, Mapping):
-            metrics = dict(out)
-        elif hasattr(out, "metrics") and out.metrics:
-            metrics = dict(out.metrics)
-        else:
-            metrics = {"reward": out}
-        result = {}
-        for k, v in metrics.items():
-            g = self._gather(torch.as_tensor(v).reshape(-1))[: len(prompts)]
-            result[k] = float(g.mean())
-        if deviation is not None:
-            r = self._gather(deviation)
-            result["deviation"] = float((r[: len(prompts)] - 0.5).mean())
-        return result
+    def _log_eval(self, result: EvalResult | None, step: int) -> dict[str, float] | None:
+        if result is None:
+            return None
+        means = result.means()
+        self.accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=step)
+        if result.images is not None and self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                if hasattr(tracker, "log_images"):
+                    tracker.log_images({"eval/samples": result.images.clamp(0, 1)}, step=step)
+        return means
 
-    # ---- the loop -----------------------------------------------------------------------------
+    # ---- the loop --------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, acc = self.config, self.accelerator
         self._prepare_output()
         if cfg.resume:
             path = self.latest_checkpoint()
             self.load_checkpoint(path)
-            logger.info("resumed from %s at iteration %d", path, self.iteration)
+            if acc.is_main_process:
+                print(f"resumed from {path} at iteration {self.iteration}")
         elif acc.num_processes > 1:
             from accelerate.utils import broadcast
 
@@ -444,10 +321,9 @@ class GRPOTrainer:
                 p.data.copy_(broadcast(p.data.clone(), from_process=0))
         acc.init_trackers("grpo", config={k: v for k, v in cfg.to_dict().items()
                                           if isinstance(v, (int, float, str, bool))})
+        keep = 16
         if self.eval_prompts and self.iteration == 0:
-            self.initial_eval = self.evaluate()
-            acc.log({f"eval/{k}": v for k, v in self.initial_eval.items()}, step=0)
-        initial = self.initial_eval
+            self.initial_eval = self._log_eval(self.evaluate(keep_images=keep), 0)
         bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc="GRPO",
                    disable=not (cfg.progress and acc.is_main_process))
         while self.iteration < cfg.max_iterations:
@@ -456,44 +332,19 @@ class GRPOTrainer:
             bar.set_postfix(reward=rec.get("reward/total", math.nan), skipped=int(rec["skipped"]))
             done = self.iteration == cfg.max_iterations
             if cfg.eval_every and self.iteration % cfg.eval_every == 0 and not done and self.eval_prompts:
-                acc.log({f"eval/{k}": v for k, v in self.evaluate().items()}, step=self.iteration)
+                self._log_eval(self.evaluate(keep_images=keep), self.iteration)
             if (cfg.save_every and self.iteration % cfg.save_every == 0) or done:
                 self.save_checkpoint()
         bar.close()
-        final = self.evaluate() if self.eval_prompts else None
-        sync = self.evaluate(synchronous=True) if self.eval_prompts else None
-        if final:
-            acc.log({f"eval/{k}": v for k, v in final.items()}, step=self.iteration)
-            acc.log({f"eval_synchronous/{k}": v for k, v in sync.items()}, step=self.iteration)
+        final = self._log_eval(self.evaluate(keep_images=keep), self.iteration)
         policy_dir = os.path.join(cfg.output_dir, "policy")
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.policy.save_pretrained(policy_dir)
             with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
-                json.dump({"iterations": self.iteration, "initial_eval": initial, "final_eval": final,
-                           "synchronous_eval": sync,
+                json.dump({"iterations": self.iteration, "initial_eval": self.initial_eval, "final_eval": final,
                            "config": cfg.to_dict()}, f, indent=2)
         acc.wait_for_everyone()
         acc.end_training()
-        return TrainResult(cfg.output_dir, policy_dir, self.log_dir, self.iteration, self.history, initial, final,
-                           sync)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, (tuple, list)):
-        return [_jsonable(x) for x in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _python_state(obj: list) -> tuple:
-    version, internal, gauss = obj
-    return (version, tuple(internal), gauss)
-
-
-def _numpy_state(obj: list) -> tuple:
-    name, keys, pos, has_gauss, cached = obj
-    return (name, np.asarray(keys["__ndarray__"], dtype=keys["dtype"]), pos, has_gauss, cached)
+        return TrainResult(cfg.output_dir, policy_dir, self.log_dir, self.iteration, self.history,
+                           self.initial_eval, final)

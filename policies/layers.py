@@ -1,0 +1,41 @@
+"""Small network pieces shared by the learned policies (the TPM and the field policy).
+
+We write the transformer block by hand because ``nn.TransformerEncoderLayer`` always carries
+LayerNorm modules that its fused eval-mode path relies on, and AsyncDiff's TPM has none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    """Pre-activation transformer block: x + attn(n(x)), then x + mlp(n(x)); n is identity unless layer_norm."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, layer_norm: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width) if layer_norm else nn.Identity()
+        self.attn = nn.MultiheadAttention(width, heads, dropout=0.0, batch_first=True)
+        self.norm2 = nn.LayerNorm(width) if layer_norm else nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def fourier(x: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """(B, S) scalars -> (B, S * (2n + 1)) sin/cos features at octave frequencies, plus the raw value."""
+    freqs = (2.0 ** torch.arange(n, device=x.device, dtype=x.dtype)) * math.pi
+    ang = x[..., None] * freqs
+    return torch.cat([x[..., None], ang.sin(), ang.cos()], dim=-1).flatten(1)
+
+
+def pool_text(embeds: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, T, D) prompt embedding sequence -> (B, tokens, D) by average pooling along the sequence."""
+    return F.adaptive_avg_pool1d(embeds.transpose(1, 2), tokens).transpose(1, 2).contiguous()
