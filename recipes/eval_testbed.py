@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from tpm.plots import image_grid
     from tpm.testbed.evaluate import evaluate_pipeline
     from tpm.testbed.models import load_pipeline
-    from tpm.testbed.train import image_grid
 
     pipe = load_pipeline(args.pipeline)
     resolution = pipe.tpm_defaults["height"]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [im for r in res.values() for _, im, _ in r.examples]
-    image_grid(rows, ncol=8).save(out / "grid.png")
+    image_grid(rows, cols=8, pad=2).save(out / "grid.png")
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return report
