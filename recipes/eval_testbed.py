@@ -71,16 +71,20 @@ def main(argv: list[str] | None = None) -> dict:
     from tpm.testbed.evaluate import evaluate_pipeline
     from tpm.testbed.models import load_pipeline
 
-    pipe = load_pipeline(args.pipeline)
+    try:
+        pipe = load_pipeline(args.pipeline)
+        if args.policy != "synchronous" and not args.inpaint:
+            import policies
+
+            policy = policies.load(args.policy)
+    except (ValueError, FileNotFoundError) as e:  # unknown checkpoint or policy: one line, exit status 1
+        raise SystemExit(f"error: {e}") from None
     resolution = pipe.tpm_defaults["height"]
     if args.inpaint:
         policy_for = _inpaint_factory(pipe, args.inpaint, resolution, args.seed)
     elif args.policy == "synchronous":
         policy_for = None
     else:
-        import policies
-
-        policy = policies.load(args.policy)
         policy_for = lambda items: policy  # noqa: E731
 
     t0 = time.time()

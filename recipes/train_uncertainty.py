@@ -152,13 +152,12 @@ def parse_args(argv: list[str]) -> TrainUncertaintyConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse, train, write ``report.json`` and print it; a user error becomes one line and exit code 1."""
-    from tpm.loading import LoadError
-
+    """Parse, train, write ``report.json`` and print it; a user error (tpm's error classes are all
+    ValueErrors: LoadError, PolicyError, BackboneError) becomes one line and exit status 1."""
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         report = train_uncertainty(cfg)
-    except (LoadError, PolicyError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     with open(os.path.join(cfg.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

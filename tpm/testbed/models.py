@@ -1,7 +1,8 @@
 """Tiny testbed backbones: ordinary diffusers ``FluxPipeline`` / ``StableDiffusion3Pipeline`` objects
 assembled from config-built parts, and the loader of the shipped checkpoints.
 
-Parts (all real library classes, only the sizes are small):
+Parts (all real library classes, only the sizes are small; built with the part builders of
+:mod:`tpm.testing`, which the random test pipelines use too):
 - tokenizer: a word-level ``tokenizers`` model over the domain ``VOCAB`` plus ``<pad>``, ``<eos>``,
   ``<unk>``, wrapped in ``transformers.PreTrainedTokenizerFast``; ``<eos>`` is appended to every
   prompt so CLIP's pooled output (taken at the first ``<eos>``) sees the whole prompt.
