@@ -86,8 +86,9 @@ class UncertaintyHead(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike) -> UncertaintyHead:
         def build(cfg: dict) -> UncertaintyHead:
             cfg = dict(cfg)
-            if cfg.pop("kind") != HEAD_KIND:
-                raise PolicyError(f"{path} holds a {cfg.get('policy', 'different')!r} model, not an uncertainty head")
+            kind = cfg.pop("kind")
+            if kind != HEAD_KIND:
+                raise PolicyError(f"{path} does not hold an uncertainty head (its config.json says kind={kind!r})")
             names = {f.name for f in dataclasses.fields(UncertaintyHeadConfig)}
             unknown = sorted(set(cfg) - names)
             if unknown:

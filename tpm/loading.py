@@ -208,7 +208,7 @@ def available_sets() -> list[str]:
 
 def is_testbed_prompt_set(spec: Any) -> bool:
     """Whether ``spec`` names one of the testbed's splits (whose prompts the testbed verifier scores)."""
-    return isinstance(spec, str) and _canonical(spec) in {f"{TESTBED_PREFIX}{sp}" for sp in TESTBED_SPLITS}
+    return isinstance(spec, str) and _DEPRECATED.get(spec, spec) in {f"{TESTBED_PREFIX}{sp}" for sp in TESTBED_SPLITS}
 
 
 def _canonical(name: str) -> str:

@@ -171,6 +171,11 @@ def _hold_known(known: _Known, backbone: Backbone, latents: torch.Tensor, grid: 
     return backbone.from_tokens(torch.where(known.token_mask, known.tokens, backbone.to_tokens(latents)), grid)
 
 
+def _check_known_kept(known: _Known | None, action: Action, policy: Policy) -> None:
+    if known is not None and bool((action.tau_next[known.mask] != 0).any()):
+        raise PolicyError(f"{type(policy).__name__} declares a known region but moved it off time 0")
+
+
 def _check_input_guidance(strength: float, time: float, known: _Known | None) -> None:
     if strength and known is None:
         raise PolicyError("input guidance needs a policy with a known region (e.g. policies.spatial.Inpaint)")
@@ -247,8 +252,7 @@ def denoise(
         )
         action = policy.act(state)
         _check_action(action, tau, k)
-        if known is not None and bool((action.tau_next[known.mask] != 0).any()):
-            raise PolicyError(f"{type(policy).__name__} declares a known region but moved it off time 0")
+        _check_known_kept(known, action, policy)
         tau_cond = tau if action.tau_cond is None else action.tau_cond
         pred = backbone.predict(latents, tau_cond, cond, attention_layers=attention_layers)
         v = pred.velocity
