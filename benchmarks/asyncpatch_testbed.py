@@ -28,7 +28,7 @@ from tpm.backbones import get_backbone
 
 
 def _load(model: str):
-    from tpm.cli import load_model
+    from tpm.loading import load_model
 
     return load_model(model)
 
@@ -116,8 +116,8 @@ def run_inpaint(args) -> dict:
     import numpy as np
     from PIL import Image
 
+    from tpm.plots import image_grid
     from tpm.testbed import Verifier, render, sample_prompts
-    from tpm.testbed.train import image_grid
 
     pipe = _load(args.model)
     bb = get_backbone(pipe)
@@ -142,7 +142,7 @@ def run_inpaint(args) -> dict:
                              input_guidance=g, input_guidance_time=args.guidance_time, **kw)
             lat = bb.to_tokens(out.images)
             res[g]["exact"].append(bool(torch.equal(lat[0, known], pol.image_latents[0, known].to(lat.dtype))))
-            img = bb.decode(out.images, size, size, "pil")[0]
+            img = bb.decode_images(out.images, size, size, "pil")[0]
             v = verifier.verify(img, it.prompt)
             res[g]["score"].append(v.score)
             res[g]["correct"].append(float(v.all_correct))
@@ -151,7 +151,7 @@ def run_inpaint(args) -> dict:
             rows.append(row)
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "inpaint_examples.png")
-    image_grid([im for r in rows for im in r], ncol=len(rows[0])).resize(
+    image_grid([im for r in rows for im in r], cols=len(rows[0]), pad=2).resize(
         (len(rows[0]) * 96, len(rows) * 96), Image.NEAREST).save(png)
     summary = {str(g): {"score": sum(r["score"]) / len(r["score"]),
                         "all_correct": sum(r["correct"]) / len(r["correct"]),

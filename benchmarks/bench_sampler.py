@@ -41,8 +41,6 @@ PROMPTS = [
 
 
 def build(width: int):
-    if width % 64:
-        raise SystemExit(f"--width must be a multiple of 64 (head_dim 64), got {width}")
     pipe = tiny_flux_pipeline(num_layers=4, num_single_layers=4, heads=width // 64, head_dim=64, text_dim=64,
                               vae_blocks=(4,), latent_channels=1)
     return pipe
@@ -58,6 +56,8 @@ def main(argv=None) -> dict:
     # One thread by default: on a shared, loaded CPU, multi-threaded tiny ops mostly wait on each other.
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.width % 64:
+        ap.error(f"--width must be a multiple of 64 (head_dim 64), got {args.width}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -43,8 +43,8 @@ class ConstantDeviation(Policy):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tpm.cli import load_model
     from tpm.comparison.stats import paired_bootstrap
+    from tpm.loading import load_model
     from tpm.sampler import sample
     from tpm.testbed.splits import sample_prompts
     from tpm.testbed.verifier import Verifier

@@ -15,12 +15,11 @@ from policies.field import FieldPolicy
 from policies.masks import find_objects, mask_from_image
 from policies.shifted import ShiftedGrid
 from policies.spatial import Inpaint, Raster, inpaint_policy, outpaint_policy
-from policies.synchronous import Synchronous
 from policies.tpm import TPM
 from policies.uncertainty import UncertaintyPatches
 from policies.uncertainty_head import UncertaintyHead
 from policies.velocity_scale import VelocityScale
-from tpm.policy import Policy, PolicyError, read_policy_config, registered_policies
+from tpm.policy import Policy, PolicyError, Synchronous, read_policy_config, registered_policies
 
 # Named presets: name -> (registered policy, options). "name:variant" picks a schedule variant.
 PRESETS: dict[str, tuple[str, dict]] = {

@@ -150,22 +150,12 @@ def _to_image_tensor(image) -> torch.Tensor:
 
 
 def encode_image(pipe, image: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> the backbone's latent tokens (B, N, C_tok), VAE posterior mean.
-
-    Normalised as the pipelines do before decoding in reverse: ``(z - shift) * scale``.
-    """
-    from diffusers import FluxPipeline
-
+    """(B, 3, H, W) in [-1, 1] -> the backbone's latent tokens (B, N, C_tok), VAE posterior mean,
+    normalised and packed as the pipeline's own latents are (:meth:`tpm.backbones.Backbone.encode_images`)."""
     from tpm.backbones import get_backbone
 
-    vae = pipe.vae
-    z = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    z = (z - shift) * vae.config.scaling_factor
-    if isinstance(pipe, FluxPipeline):  # Flux's native latents are packed 2x2 tokens
-        b, c, h, w = z.shape
-        z = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-    return get_backbone(pipe).to_tokens(z).float()
+    bb = get_backbone(pipe)
+    return bb.to_tokens(bb.encode_images(image)).float()
 
 
 @torch.no_grad()

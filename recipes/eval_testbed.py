@@ -67,20 +67,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from tpm.plots import image_grid
     from tpm.testbed.evaluate import evaluate_pipeline
     from tpm.testbed.models import load_pipeline
-    from tpm.testbed.train import image_grid
 
-    pipe = load_pipeline(args.pipeline)
+    try:
+        pipe = load_pipeline(args.pipeline)
+        if args.policy != "synchronous" and not args.inpaint:
+            import policies
+
+            policy = policies.load(args.policy)
+    except (ValueError, FileNotFoundError) as e:  # unknown checkpoint or policy: one line, exit status 1
+        raise SystemExit(f"error: {e}") from None
     resolution = pipe.tpm_defaults["height"]
     if args.inpaint:
         policy_for = _inpaint_factory(pipe, args.inpaint, resolution, args.seed)
     elif args.policy == "synchronous":
         policy_for = None
     else:
-        import policies
-
-        policy = policies.load(args.policy)
         policy_for = lambda items: policy  # noqa: E731
 
     t0 = time.time()
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [im for r in res.values() for _, im, _ in r.examples]
-    image_grid(rows, ncol=8).save(out / "grid.png")
+    image_grid(rows, cols=8, pad=2).save(out / "grid.png")
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return report

@@ -4,7 +4,7 @@ HPSv2 is a fine-tune of open_clip's ViT-H-14; its score is the cosine between th
 and prompt embeddings (what ``hpsv2.score`` returns as the diagonal of ``image @ text.T``).
 
 Why not call the ``hpsv2`` package: its 1.2.0 wheel ships an open_clip fork without the BPE
-vocabulary file, so ``import hpsv2`` fails (see ENV.md); and even where it imports, ``hpsv2.score``
+vocabulary file, so ``import hpsv2`` fails with a missing-file error; and even where it imports, ``hpsv2.score``
 re-reads the checkpoint on every call and scores one image at a time. The fork's model is
 architecturally open_clip's ViT-H-14, so we build that with the real open_clip once, load the
 official checkpoint (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` from hub repo

@@ -2,8 +2,8 @@
 
 Route chosen: a port, not a separate process. The ``image-reward`` package cannot be imported with
 transformers 5 (it imports ``apply_chunking_to_forward`` from ``transformers.modeling_utils`` and
-needs ``clip`` / ``pkg_resources``), and pinning an old transformers breaks diffusers and datasets
-(ENV.md). The model itself is small and standard: BLIP's ViT-L/16 image encoder, BLIP's "med" BERT
+needs ``clip`` / ``pkg_resources``), and pinning an old transformers breaks the diffusers and datasets
+versions we require. The model itself is small and standard: BLIP's ViT-L/16 image encoder, BLIP's "med" BERT
 whose layers cross-attend to the image tokens, and a 5-layer linear MLP on the [CLS] feature, the
 output normalised by fixed mean/std constants. transformers already has both encoders with the
 same computation: ``BlipVisionModel`` (timm-style fused qkv, pre-norm blocks, final LayerNorm) and

@@ -145,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import rewards  # noqa: F401  (registers every reward)
 
-    options = parse_options(args.option)
-    options.update(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
     try:
+        options = parse_options(args.option)
+        options.update(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
         serve(args.name, args.host, args.port, **options)
     except RewardError as e:
         print(f"error: {e}")

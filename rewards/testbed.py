@@ -1,4 +1,4 @@
-"""The testbed's verifiable alignment reward: the exact verifier's score as a reward (SPEC §3-4).
+"""The testbed's verifiable alignment reward: the exact verifier's score as a reward.
 
 ``rewards.load("testbed")`` scores each image by the fraction of its prompt's constraints the
 image satisfies (``metric="score"``, GenEval-style, in [0, 1]) or by whether all are satisfied

@@ -1,22 +1,25 @@
 """tpm: timestep policies for text-to-image diffusion and flow models.
 
 Core package: time fields, the policy interface, backbone adapters with per-token time, and
-the one sampler loop. It imports neither ``policies`` nor ``rewards``.
+the one sampler loop. It does not import ``policies`` or ``rewards`` (they import ``tpm``); only the
+wiring modules do, :mod:`tpm.cli` (names -> objects for the command line and :func:`compare`) and
+the GRPO recipes' ``tpm.grpo.recipe``. ``docs/ARCHITECTURE.md`` has the whole layout.
 """
 
 from tpm.policy import Action, Policy, PolicyError, State
-from tpm.sampler import SampleOutput, Trajectory, sample
+from tpm.sampler import SampleOutput, StepOutput, Trajectory, sample
 
 __version__ = "0.1.0"
-__all__ = ["Action", "Policy", "PolicyError", "SampleOutput", "State", "Trajectory", "compare", "sample"]
+__all__ = ["Action", "Policy", "PolicyError", "SampleOutput", "State", "StepOutput", "Trajectory", "compare",
+           "sample"]
 
 
 def compare(*args, **kwargs):
     """Compare policies on a prompt set with the same seeds: the Python twin of ``tpm compare``.
 
-    See :func:`tpm.comparison.compare` for the arguments. Imported on first use because it wires
-    ``policies`` and ``rewards`` (which depend on ``tpm``) and loads ``datasets``.
+    See :func:`tpm.cli.compare` for the arguments. Imported on first use because it turns names
+    into ``policies`` and ``rewards`` objects, packages that depend on ``tpm``.
     """
-    from tpm.comparison import compare as _compare
+    from tpm.cli import compare as _compare
 
     return _compare(*args, **kwargs)

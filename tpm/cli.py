@@ -1,6 +1,10 @@
-"""``tpm`` command line: ``tpm sample``, ``tpm compare``, ``tpm reward-serve``.
+"""``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm reward-serve``) and :func:`compare`.
 
-This is the one place in ``tpm`` that wires ``policies`` and ``rewards`` (SPEC §7).
+This is the one module of ``tpm`` that imports ``policies`` and ``rewards`` (they import ``tpm``,
+so the core cannot): it turns policy and reward names into objects, for the commands and for
+:func:`compare`, the Python twin of ``tpm compare``. Models and prompt sets are resolved by
+:mod:`tpm.loading`. Functions here raise; only :func:`main` turns a user error into one line on
+stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -9,84 +13,225 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tpm.loading import default_model, is_testbed_prompt_set, load_model, load_prompts, subset
+
+DEFAULT_POLICIES = ("synchronous", "asyndm", "dm_concave")
+DEFAULT_PROMPTS = "testbed:val"
+# The verifier twice: the fraction of constraints met, and whether all are (GenEval-style accuracy).
+TESTBED_REWARDS = {"verifier": ("testbed", {}), "verifier_all_correct": ("testbed", {"metric": "all_correct"})}
 
 
-def load_model(model: str, device: str | None = None, dtype: str = "float32"):
-    """A diffusers pipeline from a local path / hub id, or ``testbed:NAME`` for the shipped testbed."""
-    import torch
+class CLIError(ValueError):
+    """Command-line arguments that do not go together."""
 
-    if model.startswith("testbed:"):
-        from tpm import testbed
 
-        pipe = testbed.load_pipeline(model.split(":", 1)[1])
-    elif model.startswith("tiny:"):
-        from tpm import testing
+# ---- names -> objects ----------------------------------------------------------------------------
+def _as_list(x) -> list:
+    if isinstance(x, str):
+        return [s.strip() for s in x.split(",") if s.strip()]
+    if x is None:
+        return []
+    return list(x)
 
-        kind = model.split(":", 1)[1]
-        builders = {"flux": testing.tiny_flux_pipeline, "sd3": testing.tiny_sd3_pipeline}
-        if kind not in builders:
-            raise SystemExit(f"unknown tiny model {kind!r}; choose from {sorted(builders)}")
-        pipe = builders[kind]()
+
+def resolve_policies(specs: str | Sequence | dict) -> dict[str, Any]:
+    """``{label: Policy}`` from names, exported directories or Policy objects (or a comma-separated
+    string of names); labels are the names as written. Raises :class:`CompareError`."""
+    import policies as policy_lib
+    from tpm.comparison import CompareError
+
+    if isinstance(specs, dict):
+        pol = dict(specs)
     else:
-        from diffusers import DiffusionPipeline
+        pol = {}
+        for p in _as_list(specs):
+            label = p if isinstance(p, str) else getattr(p, "policy_name", None) or type(p).__name__
+            if label in pol:
+                raise CompareError(f"policy {label!r} is listed twice")
+            if isinstance(p, str):
+                try:
+                    pol[label] = policy_lib.load(p)
+                except (policy_lib.PolicyError, FileNotFoundError) as e:
+                    raise CompareError(f"policy {p!r}: {e}\nvalid names: {', '.join(policy_lib.available())}, "
+                                       "or an exported policy directory (with config.json)") from None
+            else:
+                pol[label] = p
+    if not pol:
+        raise CompareError(f"no policies given; valid names: {', '.join(policy_lib.available())}")
+    return pol
 
-        if not os.path.isdir(model) and os.path.sep in model and not model.count("/") == 1:
-            raise SystemExit(f"model path {model!r} does not exist")
+
+def parse_reward_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value:key=value`` (values parsed as int / float / bool when they look so)."""
+    from tpm.comparison import CompareError
+
+    name, *opts = spec.split(":")
+    kwargs: dict[str, Any] = {}
+    for o in opts:
+        key, eq, val = o.partition("=")
+        if not eq or not key:
+            raise CompareError(f"reward option {o!r} in {spec!r} must be key=value")
+        kwargs[key] = _literal(val)
+    return name, kwargs
+
+
+def _literal(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
-        except OSError as e:
-            raise SystemExit(
-                f"could not load pipeline {model!r}: {e}\n"
-                "Pass a local directory saved with `save_pretrained`, or a hub id available in your HF cache "
-                "(HF_HOME); offline machines cannot download weights."
-            ) from None
-    if device:
-        pipe = pipe.to(device)
-    return pipe
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
-def _default_model() -> str:
-    try:
-        from tpm import testbed
+def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool) -> dict[str, Any]:
+    """``{label: reward callable}`` from names (``name:key=value``), callables or a dict; ``None`` is
+    the testbed verifier, which only testbed prompts can use. Raises :class:`CompareError`."""
+    import rewards as reward_lib
+    from tpm.comparison import CompareError
 
-        testbed.load_pipeline  # noqa: B018 - present once the testbed checkpoints ship
-        return "testbed:flux"
-    except (ImportError, AttributeError):
-        return "tiny:flux"
+    if specs is None:
+        if not testbed_prompts:
+            raise CompareError("give rewards for this prompt set (e.g. rewards='clipscore'); registered: "
+                               f"{', '.join(sorted(reward_lib.registered_rewards()))}")
+        return {label: reward_lib.load(name, **kw) for label, (name, kw) in TESTBED_REWARDS.items()}
+    if isinstance(specs, dict):
+        return dict(specs)
+    rew = {}
+    for r in _as_list(specs):
+        if isinstance(r, str):
+            name, kwargs = parse_reward_spec(r)
+            try:
+                rew[r] = reward_lib.load(name, **kwargs)
+            except reward_lib.RewardError as e:
+                raise CompareError(str(e)) from None
+        elif callable(r):
+            rew[getattr(r, "name", None) or type(r).__name__] = r
+        else:
+            raise CompareError(f"reward {r!r} is neither a name nor a callable")
+    return rew
 
 
+def _pipeline(model: Any, device: str | None):
+    """(pipeline, label) from a pipeline object or a model spec (:func:`tpm.loading.load_model`)."""
+    if model is not None and not isinstance(model, str):
+        if device:
+            model = model.to(device)
+        return model, str(getattr(model, "name_or_path", None) or type(model).__name__)
+    label = model or default_model()
+    return load_model(label, device=device), label
+
+
+def compare(
+    policies: str | Sequence | dict = DEFAULT_POLICIES,
+    prompts: str | Sequence[str] = DEFAULT_PROMPTS,
+    *,
+    rewards: str | Sequence | dict | None = None,
+    model: Any = None,
+    out: str | os.PathLike = "outputs/compare",
+    num_prompts: int | None = 64,
+    seeds: int | Sequence[int] = 4,
+    steps: int | Sequence[int] | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_prompts: int = 4,
+    prompt_column: str | None = None,
+    prompt_split: str = "train",
+    prompt_seed: int = 0,
+    heatmap_prompt: int = 0,
+    num_resamples: int = 10_000,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """Compare policies on a prompt set with the same seeds; write tables, grids and plots to ``out``.
+
+    The Python twin of ``tpm compare`` (outputs: :mod:`tpm.comparison.api`). Returns a
+    :class:`tpm.comparison.ComparisonResult`.
+
+    Args:
+        policies: names (``"synchronous"``, ``"asyndm:piecewise_linear"``...), exported policy
+            directories, Policy objects, or a ``{label: Policy}`` dict; a comma-separated string works.
+            The first is the reference of the paired differences.
+        prompts: a prompt set (:func:`tpm.loading.load_prompts`: ``testbed:val``, ``animal-activity``,
+            ``NAME=FILE_OR_HUB_ID``, a file, a hub id) or a list of prompt strings.
+        rewards: reward names (``name`` or ``name:key=value``), callables ``(images, prompts) -> scores``
+            or a ``{label: callable}`` dict. Default: the testbed verifier (score and all-correct) for
+            testbed prompts; other prompt sets need rewards named.
+        model: a diffusers pipeline, or a model spec (:func:`tpm.loading.load_model`: path / hub id,
+            ``testbed:flux``, ``tiny:flux``); default: the shipped testbed Flux.
+        num_prompts: seeded subset size (None = all); seeds: a count n (seeds 0..n-1) or a list.
+        steps: one step count or several (several add ``reward_vs_steps.png``); None = the
+            pipeline's default.
+        guidance_scale: CFG strength, passed as the pipeline takes it; None = the pipeline's default.
+        batch_prompts: prompts per sampling call (each with all its seeds).
+        overwrite: discard a previous comparison's cache in ``out`` instead of resuming it.
+    """
+    from tpm.comparison import CompareError, run_comparison, seed_list
+
+    pol = resolve_policies(policies)
+    if isinstance(prompts, str):
+        prompt_list = load_prompts(prompts, num_prompts, prompt_seed, prompt_column, prompt_split)
+        prompt_label = prompts
+    else:
+        prompt_list = [str(p) for p in prompts]
+        if not prompt_list:
+            raise CompareError("the prompt list is empty")
+        prompt_list = subset(prompt_list, num_prompts, prompt_seed)
+        prompt_label = f"{len(prompt_list)} given prompts"
+    rew = resolve_rewards(rewards, is_testbed_prompt_set(prompts))
+    seeds = seed_list(seeds)
+    pipe, model_label = _pipeline(model, device)
+    if model_label.startswith("tiny:") and height is None and width is None:
+        height = width = 32  # random tiny models: keep the images (and the run) small
+    notes = [f"model: `{model_label}`; prompts: `{prompt_label}` ({len(prompt_list)} prompts, seed "
+             f"{prompt_seed}); seeds: {seeds if len(seeds) <= 8 else f'{len(seeds)} seeds'}; "
+             f"guidance: {guidance_scale if guidance_scale is not None else 'pipeline default'}"]
+    return run_comparison(pipe, pol, rew, prompt_list, out=out, seeds=seeds, steps=steps,
+                          guidance_scale=guidance_scale, height=height, width=width, batch_prompts=batch_prompts,
+                          heatmap_prompt=heatmap_prompt, num_resamples=num_resamples, model_label=model_label,
+                          notes=notes, overwrite=overwrite, progress=progress)
+
+
+# ---- commands --------------------------------------------------------------------------------------
 def cmd_sample(args) -> int:
     import torch
 
     import policies
-    import tpm
+    from tpm.backbones import get_backbone
     from tpm.plots import field_strip
+    from tpm.sampler import sample
 
     if (args.image is None) != (args.mask is None):
-        raise SystemExit("error: inpainting needs both --image IN.png and --mask MASK.png (white = generate)")
+        raise CLIError("inpainting needs both --image IN.png and --mask MASK.png (white = generate)")
     if args.image is not None and args.policy != "synchronous":
-        raise SystemExit("error: --image/--mask build the inpainting policy; do not combine them with --policy")
+        raise CLIError("--image/--mask build the inpainting policy; do not combine them with --policy")
     if args.input_guidance and args.image is None:
-        raise SystemExit("error: --input-guidance needs a known region: pass --image and --mask")
-    try:
-        policy = None if args.image is not None else policies.load(args.policy)
-    except policies.PolicyError as e:
-        raise SystemExit(f"error: {e}") from None
-    pipe = load_model(args.model or _default_model(), args.device)
+        raise CLIError("--input-guidance needs a known region: pass --image and --mask")
+    policy = None if args.image is not None else policies.load(args.policy)
+    model = args.model or default_model()
+    pipe = load_model(model, device=args.device)
     if args.image is not None:
         policy, args.height, args.width = _inpaint_policy(pipe, args.image, args.mask, args.height, args.width)
+    cfg = get_backbone(pipe).sample_kwargs(args.guidance_scale)
     prompts = list(args.prompt)
     os.makedirs(args.out, exist_ok=True)
     written = []
     for seed in range(args.seed, args.seed + args.num_images):
         gen = torch.Generator(device="cpu").manual_seed(seed)
         try:
-            out = tpm.sample(pipe, prompts, policy=policy, num_inference_steps=args.steps,
-                             guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                             generator=gen, return_trajectory=args.save_fields, progress=True,
-                             input_guidance=args.input_guidance, input_guidance_time=args.input_guidance_time)
-        except (ValueError, TypeError) as e:
-            raise SystemExit(f"error: {e}") from None
+            out = sample(pipe, prompts, policy=policy, num_inference_steps=args.steps, height=args.height,
+                             width=args.width, generator=gen, return_trajectory=args.save_fields, progress=True,
+                             input_guidance=args.input_guidance, input_guidance_time=args.input_guidance_time,
+                             **cfg)
+        except TypeError as e:  # a policy returning the wrong types
+            raise CLIError(str(e)) from None
         for i, img in enumerate(out.images):
             path = os.path.join(args.out, f"{i:03d}_seed{seed}.png")
             img.save(path)
@@ -94,8 +239,8 @@ def cmd_sample(args) -> int:
             if args.save_fields:
                 written.append(field_strip(out.trajectory, os.path.join(args.out, f"{i:03d}_seed{seed}_fields.png"),
                                            sample=i))
-    print(json.dumps({"model": args.model or _default_model(), "policy": "inpaint" if args.image else args.policy,
-                      "written": written}, indent=1))
+    print(json.dumps({"model": model, "policy": "inpaint" if args.image else args.policy, "written": written},
+                     indent=1))
     return 0
 
 
@@ -104,19 +249,15 @@ def _inpaint_policy(pipe, image_path: str, mask_path: str, height: int | None, w
     from PIL import Image
 
     from policies.spatial import inpaint_policy
-    from tpm.policy import PolicyError
 
     try:
         image, mask = Image.open(image_path), Image.open(mask_path)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: could not read the image or mask ({e})") from None
+        raise CLIError(f"could not read the image or mask ({e})") from None
     w, h = image.size
     if (height or h) != h or (width or w) != w:
-        raise SystemExit(f"error: inpainting samples at the image's size {w}x{h}; drop --height/--width or resize it")
-    try:
-        return inpaint_policy(pipe, image, mask), h, w
-    except PolicyError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CLIError(f"inpainting samples at the image's size {w}x{h}; drop --height/--width or resize it")
+    return inpaint_policy(pipe, image, mask), h, w
 
 
 def cmd_reward_serve(args, rest) -> int:
@@ -133,20 +274,15 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_compare(args) -> int:
-    from tpm.comparison import CompareError, PromptSetError, compare
-
     seeds = args.seeds if args.seed_list is None else args.seed_list
-    try:
-        result = compare(
-            args.policies, args.prompts, rewards=args.rewards, model=args.model, out=args.out,
-            num_prompts=None if args.num_prompts == 0 else args.num_prompts, seeds=seeds,
-            steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-            batch_prompts=args.batch_prompts, prompt_column=args.prompt_column, prompt_split=args.prompt_split,
-            prompt_seed=args.prompt_seed, heatmap_prompt=args.heatmap_prompt, device=args.device,
-            overwrite=args.overwrite,
-        )
-    except (CompareError, PromptSetError) as e:
-        raise SystemExit(f"error: {e}") from None
+    result = compare(
+        args.policies, args.prompts, rewards=args.rewards, model=args.model, out=args.out,
+        num_prompts=None if args.num_prompts == 0 else args.num_prompts, seeds=seeds,
+        steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+        batch_prompts=args.batch_prompts, prompt_column=args.prompt_column, prompt_split=args.prompt_split,
+        prompt_seed=args.prompt_seed, heatmap_prompt=args.heatmap_prompt, device=args.device,
+        overwrite=args.overwrite,
+    )
     with open(result.files["summary"]) as f:
         print(f.read())
     print(json.dumps(result.files, indent=1))
@@ -161,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default="synchronous", help="policy name (e.g. asyndm, asyndm:exponential) or directory")
     s.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     s.add_argument("--steps", type=int, default=None, help="number of denoising steps (pipeline default)")
-    s.add_argument("--guidance-scale", type=float, default=None)
+    s.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG strength, passed as the pipeline takes it (pipeline default)")
     s.add_argument("--height", type=int, default=None)
     s.add_argument("--width", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
@@ -176,10 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-guidance-time", type=float, default=1.0,
                    help="time the known region is re-noised to for input guidance, in (0, 1]")
     c = sub.add_parser("compare", help="compare policies on a prompt set with the same seeds (table, grid, plots)")
-    c.add_argument("--policies", default="synchronous,asyndm,dm_concave",
+    c.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                    help="comma-separated policy names or exported directories; the first is the reference")
-    c.add_argument("--prompts", default="testbed-val",
-                   help="prompt set name (testbed-val, animal-activity, drawbench=FILE_OR_ID, ...), a file or a hub id")
+    c.add_argument("--prompts", default=DEFAULT_PROMPTS,
+                   help="prompt set name (testbed:val, animal-activity, drawbench=FILE_OR_ID, ...), a file or a hub id")
     c.add_argument("--rewards", default=None,
                    help="comma-separated reward names (name or name:key=value); default: the testbed verifier")
     c.add_argument("--model", default=None, help="as for `tpm sample`; default: the testbed Flux")
@@ -188,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed-list", type=_int_list, default=None, help="explicit seeds, e.g. 3,7,11 (overrides --seeds)")
     c.add_argument("--steps", type=_int_list, default=None,
                    help="step count(s), e.g. 20 or 5,10,20 (several add reward_vs_steps.png); default: the pipeline's")
-    c.add_argument("--guidance-scale", type=float, default=None)
+    c.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG strength, passed as the pipeline takes it (pipeline default)")
     c.add_argument("--height", type=int, default=None)
     c.add_argument("--width", type=int, default=None)
     c.add_argument("--batch-prompts", type=int, default=4, help="prompts per sampling call, each with all seeds")
@@ -205,16 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user error (every error class of tpm, policies and rewards is a ValueError)
+    becomes ``error: <message>`` on stderr and exit status 1."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "reward-serve":
-        return cmd_reward_serve(args, rest)
-    if rest:
+    if args.command != "reward-serve" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "compare":
-        return cmd_compare(args)
-    return cmd_sample(args)
+    try:
+        if args.command == "reward-serve":
+            return cmd_reward_serve(args, rest)
+        if args.command == "compare":
+            return cmd_compare(args)
+        return cmd_sample(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

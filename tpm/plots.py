@@ -44,27 +44,37 @@ def field_strip(trajectory, path: str | os.PathLike, sample: int = 0, max_steps:
     return str(path)
 
 
-def image_grid(images, rows: int, cols: int, labels_left=None, labels_top=None, cell: int | None = None):
-    """Tile PIL images (row-major) into one PIL image, with optional row/column labels."""
+def image_grid(images, cols: int | None = None, rows: int | None = None, *, pad: int = 0, labels_left=None,
+               labels_top=None, cell: int | None = None):
+    """Tile equally sized PIL images (row-major) into one PIL image on white.
+
+    ``cols`` defaults to about the square root of the count, ``rows`` to what the images fill;
+    ``pad`` pixels of white around and between cells; optional row / column labels; ``cell``
+    resizes every image to a square of that side (nearest neighbour, so pixels stay sharp).
+    """
+    import math
+
     from PIL import Image, ImageDraw
 
     if not images:
-        raise ValueError("no images to tile")
+        raise ValueError("image_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = rows or math.ceil(len(images) / cols)
     w, h = images[0].size
     if cell:
         w = h = cell
         images = [im.resize((cell, cell), Image.NEAREST) for im in images]
     pad_left = 0 if not labels_left else 8 + 6 * max(len(str(s)) for s in labels_left)
     pad_top = 0 if not labels_top else 14
-    grid = Image.new("RGB", (pad_left + cols * w, pad_top + rows * h), "white")
+    grid = Image.new("RGB", (pad_left + cols * (w + pad) + pad, pad_top + rows * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid.paste(im.convert("RGB"), (pad_left + c * w, pad_top + r * h))
+        grid.paste(im.convert("RGB"), (pad_left + pad + c * (w + pad), pad_top + pad + r * (h + pad)))
     for r, s in enumerate(labels_left or []):
-        draw.text((2, pad_top + r * h + h // 2 - 5), str(s), fill="black")
+        draw.text((2, pad_top + pad + r * (h + pad) + h // 2 - 5), str(s), fill="black")
     for c, s in enumerate(labels_top or []):
-        draw.text((pad_left + c * w + 2, 1), str(s), fill="black")
+        draw.text((pad_left + pad + c * (w + pad) + 2, 1), str(s), fill="black")
     return grid
 
 

@@ -362,3 +362,24 @@ def read_policy_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(cfg, dict) or "policy" not in cfg:
         raise PolicyError(f"{cfg_path} has no 'policy' key naming the policy class")
     return cfg
+
+
+# --- the synchronous policy --------------------------------------------------------------------
+# Defined here, next to the interface, because the sampler uses it for ``policy=None``.
+from tpm.fields import synchronous_next  # noqa: E402
+
+
+@dataclass
+class SynchronousConfig:
+    """The synchronous policy has no options."""
+
+
+@register_policy("synchronous")
+class Synchronous(Policy):
+    """Every token on the pipeline's own grid (diffusers' default): ``tpm.sample`` with this policy
+    equals ``pipe(...)``; the baseline every other policy is compared with."""
+
+    config_class = SynchronousConfig
+
+    def act(self, state: State) -> Action:
+        return Action(tau_next=synchronous_next(state))

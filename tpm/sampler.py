@@ -3,7 +3,8 @@
 At step k the policy sees the :class:`~tpm.policy.State` and returns the update field
 ``tau_next`` and the conditioning field ``tau_cond``; the backbone is queried at
 (``x_k``, ``tau_cond``) with the pipeline's own guidance, and every token moves from ``tau_k``
-to ``tau_next`` with the flow-matching Euler step per token (SPEC §1):
+to ``tau_next`` with the flow-matching Euler step per token (``x_tau = (1 - tau) x0 + tau * noise``,
+velocity ``v = noise - x0``):
 
     x_{k+1} = x_k + (tau_next - tau_k) * v
 
@@ -12,7 +13,11 @@ encoding, same initial noise from the same generator, same scheduler grid (shift
 shifting), same guidance formula, same decode.
 
 We write the loop ourselves instead of calling ``pipe(...)`` because stock pipelines pass one
-timestep per sample to the transformer (STYLE.md item 3).
+timestep per sample to the transformer, and a policy needs one per token.
+
+After each step the loop calls ``callback(out)`` with a :class:`StepOutput` (what the policy saw
+and returned, what the backbone predicted, where the latents went), like k-diffusion's samplers;
+``return_trajectory=True`` is such a callback (:class:`TrajectoryRecorder`).
 
 Known regions (AsyncPatch §3.2). A policy may declare tokens known
 (:meth:`~tpm.policy.Policy.known_region`): the loop writes their clean latents in before the
@@ -26,6 +31,7 @@ extrapolation of velocities is that of scores on the tokens being generated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,23 +39,31 @@ import torch
 from tqdm.auto import tqdm
 
 from tpm.backbones import Backbone, Conditioning, get_backbone
-from tpm.fields import synchronous_next
-from tpm.policy import Action, KnownRegion, Policy, PolicyError, RunContext, State
+from tpm.policy import Action, Policy, PolicyError, RunContext, State, Synchronous
 
 
-class GridPolicy(Policy):
-    """The pipeline's own synchronous grid (what ``policy=None`` means); not registered.
+@dataclass
+class StepOutput:
+    """What one denoising step did; handed to ``callback`` after the step.
 
-    ``policies.Synchronous`` is the registered, saveable twin of this class.
+    Shapes: B samples, token grid (h, w), N = h*w tokens, C_tok channels per token.
     """
 
-    config_class = dict
+    step: int
+    state: State  # what the policy saw (latents x_k, field tau_k, the previous step's outputs)
+    action: Action  # what it returned
+    tau_cond: torch.Tensor  # (B, h, w) field the backbone was queried at
+    velocity: torch.Tensor  # (B, N, C_tok) guided model output (input guidance included)
+    x0: torch.Tensor  # (B, N, C_tok) clean estimate x_k - tau_cond * velocity
+    attention: torch.Tensor | None  # (B, n_text, h, w) text->image maps, if the policy asked for them
+    latents: torch.Tensor  # (B, N, C_tok) x_{k+1}, after the update
+    tau: torch.Tensor  # (B, h, w) tau_{k+1}, after the update
+    # Denoiser evaluations per image so far in this sampling run: guidance branches, input guidance
+    # and a policy's reference run included (what a comparison reports as NFE).
+    nfe: int = 0
 
-    def __init__(self):
-        super().__init__(config={})
 
-    def act(self, state: State) -> Action:
-        return Action(tau_next=synchronous_next(state))
+StepCallback = Callable[[StepOutput], None]
 
 
 @dataclass
@@ -75,6 +89,25 @@ class Trajectory:
 class SampleOutput:
     images: Any  # list of PIL images, np.ndarray, or latents, as the pipeline's output_type gives
     trajectory: Trajectory | None = None
+
+
+class TrajectoryRecorder:
+    """A step callback that keeps the :class:`Trajectory` (what ``return_trajectory=True`` returns)."""
+
+    def __init__(self, sigmas: torch.Tensor, grid: tuple[int, int], text_words: list[list[int]] | None = None):
+        self.trajectory = Trajectory(sigmas=sigmas.cpu(), grid=grid, text_words=text_words)
+
+    def __call__(self, out: StepOutput) -> None:
+        t = self.trajectory
+        if out.step == 0:  # the start: tau_0 (known regions already at 0) and x_0
+            t.tau.append(out.state.tau.cpu())
+            t.latents.append(out.state.latents.cpu())
+        t.tau.append(out.tau.cpu())
+        t.tau_cond.append(out.tau_cond.cpu())
+        t.masks.append(None if out.action.mask is None else out.action.mask.cpu())
+        t.latents.append(out.latents.cpu())
+        t.attention.append(None if out.attention is None else out.attention.cpu())
+        t.actions.append(out.action)
 
 
 def _as_list(prompt: str | list[str]) -> list[str]:
@@ -104,9 +137,23 @@ def _check_action(action: Action, tau: torch.Tensor, step: int) -> None:
             raise ValueError(f"step {step}: policy returned a non-finite tau_cond")
 
 
-def _known_tensors(known: KnownRegion, tokens: torch.Tensor, grid: tuple[int, int]):
-    """Broadcast a policy's known region to the batch; fail loudly on shapes that do not fit."""
-    b, n, c = tokens.shape
+@dataclass
+class _Known:
+    """A policy's known region, broadcast to the batch, and the run's initial noise tokens."""
+
+    mask: torch.Tensor  # (B, h, w) bool
+    token_mask: torch.Tensor  # (B, N, 1) bool
+    tokens: torch.Tensor  # (B, N, C_tok) clean latents
+    noise: torch.Tensor  # (B, N, C_tok) the initial noise (input guidance re-noises with it)
+
+
+def _known_region(policy: Policy, backbone: Backbone, latents: torch.Tensor, grid: tuple[int, int]) -> _Known | None:
+    """The policy's known region checked against this run's shapes; fail loudly on shapes that do not fit."""
+    known = policy.known_region()
+    if known is None:
+        return None
+    noise = backbone.to_tokens(latents)
+    b, n, c = noise.shape
     kt, km = known.tokens, known.mask
     if km.dtype != torch.bool or tuple(km.shape[1:]) != tuple(grid) or km.shape[0] not in (1, b):
         raise PolicyError(f"known-region mask must be bool of shape (1 or {b}, {grid[0]}, {grid[1]}), "
@@ -114,9 +161,50 @@ def _known_tensors(known: KnownRegion, tokens: torch.Tensor, grid: tuple[int, in
     if tuple(kt.shape[1:]) != (n, c) or kt.shape[0] not in (1, b):
         raise PolicyError(f"known-region latents must have shape (1 or {b}, {n}, {c}) for this pipeline, "
                           f"got {tuple(kt.shape)}; build the policy with this pipeline and image size")
-    km = km.to(tokens.device).expand(b, *grid)
-    kt = kt.to(tokens.device, tokens.dtype).expand(b, n, c)
-    return km, kt
+    mask = km.to(noise.device).expand(b, *grid)
+    return _Known(mask=mask, token_mask=mask.reshape(b, -1, 1), tokens=kt.to(noise.device, noise.dtype).expand(b, n, c),
+                  noise=noise)
+
+
+def _hold_known(known: _Known, backbone: Backbone, latents: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Native latents with the known tokens set to their clean values (bit for bit)."""
+    return backbone.from_tokens(torch.where(known.token_mask, known.tokens, backbone.to_tokens(latents)), grid)
+
+
+def _check_known_kept(known: _Known | None, action: Action, policy: Policy) -> None:
+    if known is not None and bool((action.tau_next[known.mask] != 0).any()):
+        raise PolicyError(f"{type(policy).__name__} declares a known region but moved it off time 0")
+
+
+def _check_input_guidance(strength: float, time: float, known: _Known | None) -> None:
+    if strength and known is None:
+        raise PolicyError("input guidance needs a policy with a known region (e.g. policies.spatial.Inpaint)")
+    if not 0.0 < time <= 1.0:
+        raise PolicyError(f"input_guidance_time must be in (0, 1], got {time}")
+
+
+def _input_guidance(backbone: Backbone, known: _Known, latents: torch.Tensor, tau_cond: torch.Tensor,
+                    cond: Conditioning, v: torch.Tensor, strength: float, time: float,
+                    grid: tuple[int, int]) -> torch.Tensor:
+    """AsyncPatch Eq. 8: a second call with the known tokens re-noised (with the run's own noise) to
+    ``time``, and the velocity extrapolated away from it."""
+    noisy = torch.where(known.token_mask, (1 - time) * known.tokens + time * known.noise, backbone.to_tokens(latents))
+    tau_n = torch.where(known.mask, torch.clamp(tau_cond, min=time), tau_cond)
+    v_n = backbone.predict(backbone.from_tokens(noisy, grid), tau_n, cond).velocity
+    return v + strength * (v - v_n)
+
+
+def _euler_step(backbone: Backbone, latents: torch.Tensor, tau: torch.Tensor, action: Action,
+                v: torch.Tensor) -> torch.Tensor:
+    """x + step_scale * (tau_next - tau) * v per token, in float32 and cast back like
+    ``FlowMatchEulerDiscreteScheduler.step`` (so the synchronous run is bit-exact, in bf16 too)."""
+    delta = action.tau_next - tau
+    if action.step_scale is not None:
+        scale = action.step_scale
+        delta = delta * (scale.view(-1, 1, 1) if scale.ndim == 1 else scale)
+    dt = backbone.expand_field(delta).to(torch.float32)
+    # dt * v in v's dtype, as the scheduler's 0-dim dt * model_output is.
+    return (latents.to(torch.float32) + dt.to(v.dtype) * v).to(v.dtype)
 
 
 def denoise(
@@ -133,70 +221,57 @@ def denoise(
     progress: bool = False,
     input_guidance: float = 0.0,
     input_guidance_time: float = 1.0,
+    callback: StepCallback | None = None,
+    nfe_offset: int = 0,
 ) -> tuple[torch.Tensor, Trajectory | None]:
-    """The loop itself, on native latents. Returns the final latents and, if asked, the trajectory."""
+    """The loop itself, on native latents. Returns the final latents and, if ``record``, the trajectory.
+
+    ``callback(out)`` runs after every step with a :class:`StepOutput`; ``nfe_offset`` is the
+    number of evaluations already spent in this run (a reference run), where ``out.nfe`` starts.
+    """
     bsz = latents.shape[0]
     num_steps = sigmas.shape[0] - 1
     sig = sigmas.to(latents.device)
     tau = sig[0].expand(bsz, *grid).clone()
-    known = policy.known_region()
-    if input_guidance and known is None:
-        raise PolicyError("input guidance needs a policy with a known region (e.g. policies.spatial.Inpaint)")
-    if not 0.0 < input_guidance_time <= 1.0:
-        raise PolicyError(f"input_guidance_time must be in (0, 1], got {input_guidance_time}")
+    known = _known_region(policy, backbone, latents, grid)
+    _check_input_guidance(input_guidance, input_guidance_time, known)
     if known is not None:
-        noise_tokens = backbone.to_tokens(latents)
-        kmask, ktokens = _known_tensors(known, noise_tokens, grid)
-        ktok_mask = kmask.reshape(bsz, -1, 1)
-        latents = backbone.from_tokens(torch.where(ktok_mask, ktokens, noise_tokens), grid)
-        tau = torch.where(kmask, torch.zeros_like(tau), tau)
-    traj = Trajectory(sigmas=sigmas.cpu(), grid=grid, text_words=text_words) if record else None
-    if traj is not None:
-        traj.tau.append(tau.cpu())
-        traj.latents.append(backbone.to_tokens(latents).cpu())
+        latents = _hold_known(known, backbone, latents, grid)
+        tau = torch.where(known.mask, torch.zeros_like(tau), tau)
+    recorder = TrajectoryRecorder(sigmas, grid, text_words) if record else None
+    callbacks = [cb for cb in (recorder, callback) if cb is not None]
+    nfe_per_step = backbone.evaluations_per_call(cond) * (2 if input_guidance else 1)
+    nfe = nfe_offset
+    tokens = backbone.to_tokens(latents)
     velocity = x0 = attention = None
     for k in tqdm(range(num_steps), disable=not progress, desc="denoising", leave=False):
         state = State(
-            step=k, num_steps=num_steps, sigmas=sig, tau=tau, latents=backbone.to_tokens(latents), grid=grid,
-            prompts=cond.prompts, velocity=velocity, x0=x0, attention=attention, text_words=text_words,
-            memory=memory, text_embeds=cond.embeds, pooled=cond.pooled,
+            step=k, num_steps=num_steps, sigmas=sig, tau=tau, latents=tokens, grid=grid, prompts=cond.prompts,
+            velocity=velocity, x0=x0, attention=attention, text_words=text_words, memory=memory,
+            text_embeds=cond.embeds, pooled=cond.pooled,
         )
         action = policy.act(state)
         _check_action(action, tau, k)
+        _check_known_kept(known, action, policy)
         tau_cond = tau if action.tau_cond is None else action.tau_cond
-        if known is not None and bool((action.tau_next[kmask] != 0).any()):
-            raise PolicyError(f"{type(policy).__name__} declares a known region but moved it off time 0")
         pred = backbone.predict(latents, tau_cond, cond, attention_layers=attention_layers)
         v = pred.velocity
         if input_guidance:
-            # AsyncPatch Eq. 8: the noisier input re-noises the known tokens with the run's own noise.
-            t_n = input_guidance_time
-            noisy = torch.where(ktok_mask, (1 - t_n) * ktokens + t_n * noise_tokens, backbone.to_tokens(latents))
-            tau_n = torch.where(kmask, torch.clamp(tau_cond, min=t_n), tau_cond)
-            v_n = backbone.predict(backbone.from_tokens(noisy, grid), tau_n, cond).velocity
-            v = v + input_guidance * (v - v_n)
-        # Euler per token in float32, cast back like FlowMatchEulerDiscreteScheduler.step.
-        delta = action.tau_next - tau
-        if action.step_scale is not None:
-            scale = action.step_scale
-            delta = delta * (scale.view(-1, 1, 1) if scale.ndim == 1 else scale)
-        dt = backbone.expand_field(delta).to(torch.float32)
-        # dt * v in v's dtype, as the scheduler's 0-dim dt * model_output is (bit-exact in bf16 too).
-        new_latents = (latents.to(torch.float32) + dt.to(v.dtype) * v).to(v.dtype)
-        if known is not None:  # delta is 0 there already; this makes "unchanged" hold bit for bit
-            new_latents = backbone.from_tokens(torch.where(ktok_mask, ktokens, backbone.to_tokens(new_latents)), grid)
+            v = _input_guidance(backbone, known, latents, tau_cond, cond, v, input_guidance, input_guidance_time, grid)
+        nfe += nfe_per_step
+        new_latents = _euler_step(backbone, latents, tau, action, v)
+        if known is not None:  # the update is 0 there already; this makes "unchanged" hold bit for bit
+            new_latents = _hold_known(known, backbone, new_latents, grid)
         velocity = backbone.to_tokens(v)
         x0 = backbone.to_tokens(latents - backbone.expand_field(tau_cond).to(latents.dtype) * v)
         attention = pred.attention
         latents, tau = new_latents, action.tau_next
-        if traj is not None:
-            traj.tau.append(tau.cpu())
-            traj.tau_cond.append(tau_cond.cpu())
-            traj.masks.append(None if action.mask is None else action.mask.cpu())
-            traj.latents.append(backbone.to_tokens(latents).cpu())
-            traj.attention.append(None if attention is None else attention.cpu())
-            traj.actions.append(action)
-    return latents, traj
+        tokens = backbone.to_tokens(latents)
+        out = StepOutput(step=k, state=state, action=action, tau_cond=tau_cond, velocity=velocity, x0=x0,
+                         attention=attention, latents=tokens, tau=tau, nfe=nfe)
+        for cb in callbacks:
+            cb(out)
+    return latents, (recorder.trajectory if recorder is not None else None)
 
 
 @torch.no_grad()
@@ -220,12 +295,14 @@ def sample(
     progress: bool = False,
     input_guidance: float = 0.0,
     input_guidance_time: float = 1.0,
+    callback: StepCallback | None = None,
 ) -> SampleOutput:
     """Sample images from a diffusers pipeline under a timestep policy.
 
     Args mirror the pipeline's ``__call__`` (defaults are the pipeline's own). ``policy=None``
     is synchronous and reproduces ``pipe(prompt, ...)``. ``return_trajectory=True`` also
     returns per-step fields, conditioning fields, masks, latents and attention maps.
+    ``callback(out)`` runs after every step with a :class:`StepOutput`.
     ``time_resolution`` optionally quantises conditioning times (see
     :mod:`tpm.backbones.modulation`). ``input_guidance`` (lambda, 0 = off) and
     ``input_guidance_time`` apply AsyncPatch's input guidance to policies with a known region
@@ -234,7 +311,7 @@ def sample(
     backbone = get_backbone(pipe, time_resolution=time_resolution)
     prompts = _as_list(prompt)
     if policy is None:
-        policy = GridPolicy()
+        policy = Synchronous()
     if not isinstance(policy, Policy):
         raise PolicyError(f"policy must be a tpm Policy (got {type(policy).__name__}); use policies.load(name)")
     steps = num_inference_steps if num_inference_steps is not None else backbone.call_default("num_inference_steps")
@@ -257,10 +334,14 @@ def sample(
         raise ValueError(f"policy asks for attention layers {layers}, but the model has {n_layers} "
                          f"joint-attention layers (indices 0..{n_layers - 1})")
     text_words = backbone.text_words(prompts, cond.extras["max_sequence_length"])
+    spent = [0]  # evaluations of reference runs, counted into the main run's NFE
 
     def reference_run(ref_layers: list[int] | None):
-        _, ref = denoise(backbone, x.clone(), cond, sigmas, GridPolicy(), {}, grid, text_words,
-                         ref_layers, record=True)
+        def count(out: StepOutput) -> None:
+            spent[0] = out.nfe
+
+        _, ref = denoise(backbone, x.clone(), cond, sigmas, Synchronous(), {}, grid, text_words,
+                         ref_layers, record=True, callback=count, nfe_offset=spent[0])
         return ref
 
     ctx = RunContext(batch_size=len(prompts), grid=grid, num_steps=int(steps), prompts=prompts,
@@ -268,6 +349,6 @@ def sample(
     memory = policy.begin(ctx)
     x, traj = denoise(backbone, x, cond, sigmas, policy, memory, grid, text_words, layers,
                       record=return_trajectory, progress=progress, input_guidance=input_guidance,
-                      input_guidance_time=input_guidance_time)
-    images = backbone.decode(x, height, width, output_type)
+                      input_guidance_time=input_guidance_time, callback=callback, nfe_offset=spent[0])
+    images = backbone.decode_images(x, height, width, output_type)
     return SampleOutput(images=images, trajectory=traj)

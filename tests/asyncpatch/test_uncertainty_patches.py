@@ -161,7 +161,7 @@ def test_head_for_another_backbone_is_refused(flux_pipe, tmp_path):
     (tmp_path / "p" / "model.safetensors").write_bytes((tmp_path / "q" / "model.safetensors").read_bytes())
     with pytest.raises(PolicyError, match="another configuration or backbone"):
         policies.load(str(tmp_path / "p"))
-    with pytest.raises(PolicyError, match="not a saved uncertainty head"):
+    with pytest.raises(PolicyError, match="uncertainty head directory .* does not exist"):
         UncertaintyHead.from_pretrained(tmp_path / "missing")
 
 

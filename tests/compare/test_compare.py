@@ -9,7 +9,8 @@ from PIL import Image
 
 import policies
 import tpm
-from tpm.comparison import CompareError, RunSpec, compare, run, write_outputs
+from tpm.cli import compare
+from tpm.comparison import CompareError, RunSpec, run, write_outputs
 from tpm.testing import tiny_flux_pipeline
 
 PROMPTS = ["a red circle", "a blue square left of a green triangle", "two yellow circles"]
@@ -111,7 +112,7 @@ def test_checkpoint_directory_is_a_policy(pipe, tmp_path):
     ckpt = tmp_path / "trained_tpm"
     policies.TPM.for_pipeline(pipe).save_pretrained(ckpt)
     assert (ckpt / "config.json").exists()
-    res = compare(["synchronous", str(ckpt)], "testbed-val", model=pipe, out=tmp_path / "o", num_prompts=2,
+    res = compare(["synchronous", str(ckpt)], "testbed:val", model=pipe, out=tmp_path / "o", num_prompts=2,
                   seeds=1, steps=2, height=32, width=32, num_resamples=200, progress=False)
     assert {r["policy"] for r in res.rows} == {"synchronous", str(ckpt)}
     assert {"verifier", "verifier_all_correct"} <= set(res.rows[0])
@@ -124,22 +125,22 @@ def test_checkpoint_directory_is_a_policy(pipe, tmp_path):
         next(p.parameters()).add_(1.0)
     p.save_pretrained(ckpt)
     with pytest.raises(CompareError, match="different settings.*policies"):
-        compare(["synchronous", str(ckpt)], "testbed-val", model=pipe, out=tmp_path / "o", num_prompts=2,
+        compare(["synchronous", str(ckpt)], "testbed:val", model=pipe, out=tmp_path / "o", num_prompts=2,
                 seeds=1, steps=2, height=32, width=32, progress=False)
 
 
 def test_bad_input_is_reported(pipe, tmp_path):
     kw = dict(model=pipe, out=tmp_path / "o", num_prompts=2, seeds=1, height=32, width=32, progress=False)
     with pytest.raises(CompareError, match="valid names: .*asyndm.*synchronous"):
-        compare(["synchronous", "asyndn"], "testbed-val", steps=2, **kw)
+        compare(["synchronous", "asyndn"], "testbed:val", steps=2, **kw)
     with pytest.raises(CompareError, match="step count must be an integer >= 1, got 0"):
-        compare(["synchronous"], "testbed-val", steps=[2, 0], **kw)
+        compare(["synchronous"], "testbed:val", steps=[2, 0], **kw)
     with pytest.raises(CompareError, match="give rewards"):
         compare(["synchronous"], "animal-activity", steps=2, **kw)
     from tpm.cli import main
 
-    with pytest.raises(SystemExit, match="unknown prompt set 'testbed-vall'.*testbed-val"):
-        main(["compare", "--prompts", "testbed-vall", "--model", "tiny:flux"])
+    with pytest.raises(SystemExit, match="unknown testbed split 'testbed:vall'.*testbed:val"):
+        main(["compare", "--prompts", "testbed:vall", "--model", "tiny:flux"])
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(SystemExit, match="is empty"):

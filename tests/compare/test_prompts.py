@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tpm.comparison.prompts import ACTIVITIES, ANIMALS, PromptSetError, available_sets, load_prompts
+from tpm.loading import ACTIVITIES, ANIMALS, PromptSetError, available_sets, load_prompts
 
 
 def test_animal_activity_is_generated_with_articles():
@@ -16,11 +16,11 @@ def test_animal_activity_is_generated_with_articles():
 def test_testbed_split_and_seeded_subset():
     from tpm.testbed import get_split
 
-    full = load_prompts("testbed-val")
+    full = load_prompts("testbed:val")
     assert full == [it.prompt for it in get_split("val")]
-    sub = load_prompts("testbed-val", num_prompts=10, seed=3)
-    assert sub == load_prompts("testbed-val", num_prompts=10, seed=3)
-    assert sub != load_prompts("testbed-val", num_prompts=10, seed=4)
+    sub = load_prompts("testbed:val", n=10, seed=3)
+    assert sub == load_prompts("testbed:val", n=10, seed=3)
+    assert sub != load_prompts("testbed:val", n=10, seed=4)
     assert len(set(sub)) == 10 and set(sub) <= set(full)
     assert [full.index(p) for p in sub] == sorted(full.index(p) for p in sub)  # kept in set order
 
@@ -41,7 +41,7 @@ def test_files_through_datasets(tmp_path):
 def test_bad_prompt_sets(tmp_path):
     with pytest.raises(PromptSetError, match="valid names") as e:
         load_prompts("drawbnch")
-    assert "testbed-val" in str(e.value) and "animal-activity" in str(e.value)
+    assert "testbed:val" in str(e.value) and "animal-activity" in str(e.value)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(PromptSetError, match="is empty"):

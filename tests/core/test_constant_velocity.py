@@ -1,4 +1,4 @@
-"""Closed form (STYLE item 10): a constant-velocity model is integrated exactly under any field.
+"""Closed form: a constant-velocity model is integrated exactly under any field.
 
 With ``v = c`` the per-token Euler step ``x_{k+1} = x_k + (tau_next - tau_k) * c`` telescopes to
 ``x_k = x_0 + (tau_k - tau_0) * c`` per token, whatever path each token takes and whatever

@@ -1,4 +1,4 @@
-"""``tpm.sample(pipe, ..., policy=None)`` reproduces ``pipe(...)`` (SPEC §1, STYLE item 10).
+"""``tpm.sample(pipe, ..., policy=None)`` reproduces ``pipe(...)``.
 
 Same arguments and generator seed on both sides; fp32. ``max_sequence_length=16`` is passed to
 both calls because the tiny pipelines' ``tpm_defaults`` only reach ``tpm.sample``.

@@ -6,6 +6,8 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
+from tpm.backbones import get_backbone
+from tpm.plots import image_grid
 from tpm.testbed import VOCAB
 from tpm.testbed.models import (
     TestbedModelConfig as ModelConfig,
@@ -17,7 +19,7 @@ from tpm.testbed.models import (
     load_pipeline,
     save_pipeline,
 )
-from tpm.testbed.train import fit_latent_normalization, flow_matching_loss, image_grid, pack_latents
+from tpm.testbed.train import fit_latent_normalization, flow_matching_loss
 
 TINY = dict(vae_channels=(8, 8), latent_channels=4, head_dim=16, num_heads=2, num_layers=1, num_single_layers=1,
             text_dim=16, t5_dim=32, text_layers=1, num_inference_steps=2)
@@ -100,20 +102,20 @@ def test_latent_normalization_gives_zero_mean_unit_variance_and_round_trips_thro
 
 def test_flux_packing_matches_the_pipeline_unpacking():
     pipe = build_pipeline(tiny("flux"))
+    bb = get_backbone(pipe)
     lat = torch.randn(2, 4, 16, 16)
-    packed = pack_latents(pipe, lat)
-    assert packed.shape == (2, 64, 16)
+    packed = bb.pack_latents(lat)
+    assert packed.shape == (2, 64, 16) and bb.token_dim == 16
     assert torch.equal(FluxPipeline._unpack_latents(packed, 32, 32, pipe.vae_scale_factor), lat)
+    assert torch.equal(bb.unpack_latents(packed, 32, 32), lat)
 
 
 @pytest.mark.parametrize("backbone", ["flux", "sd3"])
 def test_flow_matching_loss_is_the_velocity_mse_and_reaches_every_trainable_part(backbone):
-    from tpm.backbones import get_backbone
-
     torch.manual_seed(0)
     pipe = build_pipeline(tiny(backbone))
     bb = get_backbone(pipe)
-    x0 = pack_latents(pipe, torch.randn(2, 4, 16, 16))
+    x0 = bb.pack_latents(torch.randn(2, 4, 16, 16))
     noise = torch.randn_like(x0)
     tau = torch.rand(2, 8, 8)
     cond = bb.encode(["a red circle", ""], guidance_scale=1.0, max_sequence_length=16)
@@ -132,7 +134,7 @@ def test_image_grid_tiles_with_padding():
     from PIL import Image
 
     ims = [Image.new("RGB", (4, 4), (i * 40, 0, 0)) for i in range(5)]
-    g = image_grid(ims, ncol=3, pad=1)
+    g = image_grid(ims, cols=3, pad=1)
     assert g.size == (3 * 5 + 1, 2 * 5 + 1)
     assert g.getpixel((1 + 5 * 1, 1)) == (40, 0, 0)  # second image, first pixel
     with pytest.raises(ValueError):

@@ -8,9 +8,9 @@ from tpm.backbones.base import Backbone, BackboneError, Conditioning, Prediction
 from tpm.backbones.flux import FluxBackbone, flux_transformer_forward
 from tpm.backbones.sd3 import SD3Backbone, sd3_transformer_forward
 
-# Explicit registry: pipeline family name -> adapter class.
+# Explicit registry: pipeline family name -> adapter class; the supported pipelines follow from it.
 BACKBONES: dict[str, type[Backbone]] = {"flux": FluxBackbone, "sd3": SD3Backbone}
-SUPPORTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+SUPPORTED_PIPELINES = tuple(cls.pipeline_class_name for cls in BACKBONES.values())
 
 
 def get_backbone(pipe, time_resolution: float | None = None) -> Backbone:
@@ -33,6 +33,7 @@ __all__ = [
     "FluxBackbone",
     "Prediction",
     "SD3Backbone",
+    "SUPPORTED_PIPELINES",
     "flux_transformer_forward",
     "get_backbone",
     "sd3_transformer_forward",

@@ -6,8 +6,14 @@ own submodules for a forward pass that takes a per-token time field. Nothing is 
 adapters, attention processors and offloading hooks keep working.
 
 Layouts: "native" latents are what the pipeline's denoising loop holds (Flux: packed tokens
-(B, N, 4C); SD3: (B, C, H/8, W/8)). Fields are (B, h, w) on the token grid; ``tau`` is in
-[0, 1], 1 = noise.
+(B, N, 4C); SD3: (B, C, H/8, W/8)); "VAE latents" are what the VAE gives, (B, C, H/8, W/8),
+normalised by the VAE's scaling and shift; "tokens" are (B, N, C_tok) in row-major grid order.
+Fields are (B, h, w) on the token grid; ``tau`` is in [0, 1], 1 = noise.
+
+Everything pipeline-specific lives in the adapters: which pipeline class they take
+(:meth:`Backbone.accepts`), the widths a policy network needs (``token_dim``, ``text_dim``,
+``pooled_dim``), how latents are packed and images encoded / decoded, and how a CFG strength is
+passed to the pipeline (:meth:`Backbone.sample_kwargs`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import abc
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,13 +57,25 @@ class Prediction:
 class Backbone(abc.ABC):
     """Adapter base class; one subclass per pipeline family."""
 
-    #: pipeline classes this adapter accepts (checked with isinstance)
-    pipeline_classes: tuple[type, ...] = ()
+    #: name of the diffusers pipeline class this adapter accepts (subclasses of it too)
+    pipeline_class_name: ClassVar[str] = ""
 
     def __init__(self, pipe, time_resolution: float | None = None):
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.time_resolution = time_resolution
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        """The diffusers pipeline class (imported on use: ``import tpm`` stays light)."""
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_name)
+
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        """Whether ``pipe`` is a pipeline this adapter wraps."""
+        return isinstance(pipe, cls.pipeline_class())
 
     # ---- defaults -------------------------------------------------------------------------
     def call_default(self, name: str):
@@ -71,6 +89,33 @@ class Backbone(abc.ABC):
             return extra[name]
         param = inspect.signature(self.pipe.__call__).parameters.get(name)
         return None if param is None else param.default
+
+    def default_guidance_scale(self) -> float:
+        """The CFG strength a call without one uses: ``tpm_defaults["guidance_scale"]``, else the
+        default of the pipeline argument that carries CFG (see :meth:`sample_kwargs`)."""
+        extra = getattr(self.pipe, "tpm_defaults", None) or {}
+        if "guidance_scale" in extra:
+            return float(extra["guidance_scale"])
+        return float(self.call_default(self._cfg_argument()))
+
+    def _cfg_argument(self) -> str:
+        """The ``pipe(...)`` argument that carries the CFG strength."""
+        return "guidance_scale"
+
+    def sample_kwargs(self, scale: float | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``tpm.sample`` (and ``pipe(...)``) that apply CFG strength ``scale``
+        the way this pipeline takes it; ``None`` = :meth:`default_guidance_scale`.
+
+        The one place that knows how CFG is passed: SD3 takes ``guidance_scale`` (true CFG
+        against its negative prompt); Flux takes ``guidance_scale`` into its guidance embedding
+        when the transformer has one (FLUX.1-dev), otherwise true CFG as ``true_cfg_scale`` with
+        an empty negative prompt (the testbed models).
+        """
+        return {"guidance_scale": self.default_guidance_scale() if scale is None else float(scale)}
+
+    def evaluations_per_call(self, cond: Conditioning) -> int:
+        """Denoiser evaluations per image in one :meth:`predict` (CFG adds the negative branch)."""
+        return 2 if cond.do_cfg else 1
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +160,55 @@ class Backbone(abc.ABC):
     def expand_field(self, field: torch.Tensor) -> torch.Tensor:
         """(B, h, w) field -> a tensor that broadcasts against native latents."""
 
+    # ---- widths (what a policy network built for this backbone needs) ----------------------
+    @property
+    @abc.abstractmethod
+    def token_dim(self) -> int:
+        """C_tok: channels per latent token (the last dimension of :meth:`to_tokens`)."""
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the prompt embeddings the transformer takes (``Conditioning.embeds``)."""
+        return int(self.transformer.config.joint_attention_dim)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled prompt embedding (``Conditioning.pooled``)."""
+        return int(self.transformer.config.pooled_projection_dim)
+
+    # ---- pixels <-> latents ---------------------------------------------------------------
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, C, H/f, W/f) -> native latents (identity unless the pipeline packs)."""
+        return latents
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Inverse of :meth:`pack_latents` for images of ``height`` x ``width`` pixels."""
+        return latents
+
+    def _vae_normalisation(self) -> tuple[float, float]:
+        """(scaling_factor, shift_factor) of the VAE: native = (z - shift) * scale."""
+        cfg = self.pipe.vae.config
+        return cfg.scaling_factor, getattr(cfg, "shift_factor", None) or 0.0
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> native latents: the VAE posterior mean, normalised
+        as the pipeline's decode expects in reverse, and packed."""
+        vae = self.pipe.vae
+        z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()
+        scale, shift = self._vae_normalisation()
+        return self.pack_latents((z - shift) * scale)
+
+    def decode_images(self, latents: torch.Tensor, height: int, width: int, output_type: str = "pil"):
+        """Native latents -> images as the pipeline returns them (``output_type`` "pil", "np",
+        "pt"; "latent" returns the latents unchanged)."""
+        if output_type == "latent":
+            return latents
+        vae = self.pipe.vae
+        scale, shift = self._vae_normalisation()
+        lat = (self.unpack_latents(latents, height, width) / scale) + shift
+        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)
+
     # ---- pipeline steps -------------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, prompts: list[str], guidance_scale: float, negative_prompt: list[str] | None = None,
@@ -149,9 +243,6 @@ class Backbone(abc.ABC):
     def predict(self, latents: torch.Tensor, tau: torch.Tensor, cond: Conditioning,
                 attention_layers: list[int] | None = None) -> Prediction:
         """Guided velocity at a per-token time field ``tau`` (B, h, w)."""
-
-    @abc.abstractmethod
-    def decode(self, latents: torch.Tensor, height: int, width: int, output_type: str): ...
 
     @property
     @abc.abstractmethod

@@ -182,11 +182,7 @@ def flux_transformer_forward(
 class FluxBackbone(Backbone):
     """Adapter for ``diffusers.FluxPipeline``."""
 
-    @classmethod
-    def accepts(cls, pipe) -> bool:
-        from diffusers import FluxPipeline
-
-        return isinstance(pipe, FluxPipeline)
+    pipeline_class_name = "FluxPipeline"
 
     @property
     def token_size(self) -> int:
@@ -207,6 +203,27 @@ class FluxBackbone(Backbone):
 
     def expand_field(self, field):
         return field.reshape(field.shape[0], -1, 1)
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.transformer.config.in_channels)  # packed 2x2 latents, patch size 1
+
+    def pack_latents(self, latents):
+        b, c, h, w = latents.shape
+        return self.pipe._pack_latents(latents, b, c, h, w)
+
+    def unpack_latents(self, latents, height, width):
+        return self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+
+    def _cfg_argument(self) -> str:
+        return "guidance_scale" if self.transformer.config.guidance_embeds else "true_cfg_scale"
+
+    def sample_kwargs(self, scale=None):
+        scale = self.default_guidance_scale() if scale is None else float(scale)
+        if self.transformer.config.guidance_embeds:
+            return {"guidance_scale": scale}
+        # No guidance embedding: CFG is FluxPipeline's "true CFG", which needs a negative prompt.
+        return {"true_cfg_scale": scale, **({"negative_prompt": ""} if scale > 1 else {})}
 
     def encode(self, prompts, guidance_scale, negative_prompt=None, max_sequence_length=None,
                true_cfg_scale: float = 1.0, **kwargs) -> Conditioning:
@@ -274,15 +291,6 @@ class FluxBackbone(Backbone):
                                      cond.extras["negative_text_ids"], guidance, None, grid)
             v = v_neg + cond.extras["true_cfg_scale"] * (v - v_neg)
         return Prediction(v, attn)
-
-    def decode(self, latents, height, width, output_type):
-        if output_type == "latent":
-            return latents
-        pipe = self.pipe
-        lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        lat = (lat / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type=output_type)
 
     def text_words(self, prompts, max_sequence_length):
         # The joint text sequence is the T5 sequence (tokenizer_2).

@@ -4,7 +4,7 @@ SD3 and Flux inject time outside attention: ``temb`` (one row per sample) goes t
 block's AdaLN ``linear(silu(temb))`` and the resulting shift/scale/gate broadcast over tokens
 (AsynDM §3.1; AsyncPatch App. E: per-token time only changes this broadcast). For a time *field*
 we need one modulation row per token. Computing ``linear(silu(.))`` per token costs a D->kD
-matmul per token (ENV.md: +50 % per block), so :class:`TokenTime` keeps a table of the distinct
+matmul per token (about +50 % time per block where we measured it), so :class:`TokenTime` keeps a table of the distinct
 (sample, time) pairs, runs the AdaLN projections on the table only, and gathers rows per token.
 
 When every sample's field is uniform and its text tokens share that time, the table has exactly

@@ -140,11 +140,7 @@ def sd3_transformer_forward(
 class SD3Backbone(Backbone):
     """Adapter for ``diffusers.StableDiffusion3Pipeline`` (SD3 and SD3.5)."""
 
-    @classmethod
-    def accepts(cls, pipe) -> bool:
-        from diffusers import StableDiffusion3Pipeline
-
-        return isinstance(pipe, StableDiffusion3Pipeline)
+    pipeline_class_name = "StableDiffusion3Pipeline"
 
     @property
     def patch_size(self) -> int:
@@ -177,6 +173,10 @@ class SD3Backbone(Backbone):
     def expand_field(self, field):
         p = self.patch_size
         return field.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, None]
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.transformer.config.in_channels) * self.patch_size ** 2
 
     def encode(self, prompts, guidance_scale, negative_prompt=None, max_sequence_length=None, **kwargs):
         msl = max_sequence_length or self.call_default("max_sequence_length")
@@ -233,14 +233,6 @@ class SD3Backbone(Backbone):
                 attn = attn.chunk(2)[1]
         return Prediction(v, attn)
 
-    def decode(self, latents, height, width, output_type):
-        if output_type == "latent":
-            return latents
-        pipe = self.pipe
-        lat = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type=output_type)
-
     def text_words(self, prompts, max_sequence_length):
         # Joint text sequence: 77 CLIP positions (CLIP-L and CLIP-G side by side in channels,
         # same tokenizer positions) followed by the T5 positions.
@@ -255,6 +247,3 @@ class SD3Backbone(Backbone):
                 words += [-1] * max_sequence_length  # zeros stand in for T5 when it is absent
             out.append(words)
         return out
-
-
-

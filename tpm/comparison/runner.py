@@ -2,8 +2,8 @@
 
 It takes objects, not names: a diffusers pipeline, a ``{label: Policy}`` dict and a
 ``{label: reward callable}`` dict (``reward(images, prompts) -> scores``), so ``tpm`` core never
-imports ``policies`` or ``rewards``; :func:`tpm.comparison.compare` and ``tpm compare`` turn names
-into those objects.
+imports ``policies`` or ``rewards``; ``tpm compare`` and :func:`tpm.compare` (in :mod:`tpm.cli`)
+turn names into those objects.
 
 Same noise: image (prompt i, seed s) starts from ``torch.Generator("cpu").manual_seed(s)``
 whatever the policy, so the policies' images differ only by the policy. Work is done in *units*
@@ -153,26 +153,6 @@ def row_key(r: dict) -> tuple:
     return (r["policy"], int(r["steps"]), int(r["prompt_index"]), int(r["seed"]))
 
 
-class _NFECounter:
-    """Counts denoiser evaluations per image with a hook on the transformer's output projection.
-
-    Every Flux / SD3 forward (conditional, unconditional, reference runs of fixed masks) ends in
-    ``transformer.proj_out`` once, on all its batch rows; rows / batch size is the NFE per image.
-    """
-
-    def __init__(self, pipe):
-        mod = getattr(getattr(pipe, "transformer", None), "proj_out", None)
-        self.rows = 0
-        self.handle = mod.register_forward_hook(self._hook) if isinstance(mod, torch.nn.Module) else None
-
-    def _hook(self, module, args, output):
-        self.rows += int(output.shape[0])
-
-    def close(self):
-        if self.handle is not None:
-            self.handle.remove()
-
-
 def _scores(reward: Callable, label: str, images: list, prompts: list[str]) -> np.ndarray:
     s = reward(images, prompts)
     s = s.detach().float().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s, dtype=np.float64)
@@ -209,8 +189,9 @@ def run(
 ) -> list[dict]:
     """Make (or reuse) every image of the comparison and score it; returns the rows, sorted.
 
-    Row: policy, steps, prompt_index, seed, prompt, nfe, time_s (sampling wall time per image,
-    the unit's time over its images), image (path relative to ``out``), and one float per reward.
+    Row: policy, steps, prompt_index, seed, prompt, nfe (denoiser evaluations per image, guidance
+    branches and reference runs included), time_s (sampling wall time per image, the unit's time
+    over its images), image (path relative to ``out``), and one float per reward.
     ``sample_fn`` defaults to :func:`tpm.sample` (tests may wrap it to count calls).
     """
     if not policies:
@@ -222,12 +203,18 @@ def run(
         raise CompareError(f"reward labels {sorted(reserved & set(rewards))} clash with result columns; rename them")
     if sample_fn is None:
         from tpm.sampler import sample as sample_fn
+    from tpm.backbones import get_backbone
+
+    try:  # CFG as this pipeline takes it (a Flux without guidance embedding: true CFG, empty negative)
+        cfg = get_backbone(pipe).sample_kwargs(spec.guidance_scale)
+    except ValueError as e:  # BackboneError: not a supported pipeline
+        raise CompareError(str(e)) from None
     out = str(out)
     cache_dir = os.path.join(out, "cache")
     _check_manifest(cache_dir, manifest_for(spec, policies, rewards))
     os.makedirs(os.path.join(cache_dir, "fields"), exist_ok=True)
     done = read_cached_rows(cache_dir)
-    slugs = _unique_slugs(list(policies))
+    slugs = unique_slugs(list(policies))
     chunks = [list(range(i, min(i + spec.batch_prompts, len(spec.prompts))))
               for i in range(0, len(spec.prompts), spec.batch_prompts)]
     units = [(k, label, chunk) for k in spec.steps for chunk in chunks for label in policies]
@@ -243,18 +230,20 @@ def run(
             bar.set_postfix_str(f"{label} K={k} prompts {chunk[0]}-{chunk[-1]}")
             prompts = [spec.prompts[i] for i in chunk for _ in spec.seeds]
             gens = [torch.Generator(device="cpu").manual_seed(s) for _ in chunk for s in spec.seeds]
-            counter = _NFECounter(pipe)
+            last_nfe = [float(k)]  # denoiser evaluations per image, from the sampler's step callback
+
+            def count(step_out, last_nfe=last_nfe):
+                last_nfe[0] = float(step_out.nfe)
+
             t0 = time.perf_counter()
             try:
-                res = sample_fn(pipe, prompts, policy=policies[label], num_inference_steps=k,
-                                guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width,
-                                generator=gens, output_type="pil", return_trajectory=want_fields)
+                res = sample_fn(pipe, prompts, policy=policies[label], num_inference_steps=k, height=spec.height,
+                                width=spec.width, generator=gens, output_type="pil", return_trajectory=want_fields,
+                                callback=count, **cfg)
             except ValueError as e:  # PolicyError / BackboneError: the user's policy or settings
                 raise CompareError(f"policy {label!r} at {k} steps: {e}") from e
-            finally:
-                counter.close()
             per_image = (time.perf_counter() - t0) / len(prompts)
-            nfe = counter.rows / len(prompts) if counter.handle is not None else float(k)
+            nfe = last_nfe[0]
             images = list(res.images)
             if want_fields:
                 j = (spec.heatmap_prompt - chunk[0]) * len(spec.seeds)
@@ -284,7 +273,7 @@ def run(
     return rows
 
 
-def _unique_slugs(labels: Sequence[str]) -> dict[str, str]:
+def unique_slugs(labels: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     used: set[str] = set()
     for label in labels:

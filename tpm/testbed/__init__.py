@@ -1,4 +1,4 @@
-"""The embedded testbed: a procedural text-to-image domain of coloured shapes (SPEC §4).
+"""The embedded testbed: a procedural text-to-image domain of coloured shapes.
 
 ``grammar`` (prompts <-> scene specs), ``splits`` (train/val/test by composition), ``render``
 (scene -> RGB image) and ``verifier`` (image + prompt -> per-constraint checks and a score).

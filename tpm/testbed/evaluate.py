@@ -48,6 +48,7 @@ def evaluate_pipeline(
     ``tpm.sample`` for that batch. Generators are seeded per batch, so two pipelines or policies
     evaluated with the same arguments see the same prompts and initial noise.
     """
+    from tpm.backbones import get_backbone
     from tpm.sampler import sample
     from tpm.testbed.grammar import CATEGORIES
     from tpm.testbed.splits import sample_prompts
@@ -56,10 +57,7 @@ def evaluate_pipeline(
     verifier = Verifier()
     cats = categories or CATEGORIES
     scale = guidance_scale if guidance_scale is not None else getattr(pipe, "tpm_defaults", {}).get("guidance_scale", 1.0)
-    cfg_kwargs: dict = {"guidance_scale": scale}
-    if type(pipe).__name__ == "FluxPipeline" and scale > 1:
-        # tiny Flux has no guidance embedding: CFG is FluxPipeline's "true CFG" with an empty negative prompt
-        cfg_kwargs.update(true_cfg_scale=scale, negative_prompt="")
+    cfg_kwargs = get_backbone(pipe).sample_kwargs(scale)  # e.g. true CFG for a Flux without guidance embedding
     results: dict[str, CategoryResult] = {}
     for ci, cat in enumerate(cats):
         items = sample_prompts(per_category, category=cat, split=split, seed=seed + 1000 * ci)

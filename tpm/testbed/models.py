@@ -1,7 +1,8 @@
 """Tiny testbed backbones: ordinary diffusers ``FluxPipeline`` / ``StableDiffusion3Pipeline`` objects
 assembled from config-built parts, and the loader of the shipped checkpoints.
 
-Parts (all real library classes, only the sizes are small):
+Parts (all real library classes, only the sizes are small; built with the part builders of
+:mod:`tpm.testing`, which the random test pipelines use too):
 - tokenizer: a word-level ``tokenizers`` model over the domain ``VOCAB`` plus ``<pad>``, ``<eos>``,
   ``<unk>``, wrapped in ``transformers.PreTrainedTokenizerFast``; ``<eos>`` is appended to every
   prompt so CLIP's pooled output (taken at the first ``<eos>``) sees the whole prompt.
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 
+from tpm.backbones import BACKBONES as _ADAPTERS
+
 __all__ = [
     "CHECKPOINT_DIR",
     "SHIPPED",
@@ -46,7 +49,7 @@ SHIPPED: dict[str, str] = {
     "flux-asyncpatch": "FluxPipeline trained with the AsyncPatch controlled per-token sampler",
 }
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 (CLIP's legacy pooling path is id 2 == eos)
-BACKBONES = ("flux", "sd3")
+BACKBONES = tuple(_ADAPTERS)  # the pipeline families tpm.backbones supports
 
 
 @dataclass
@@ -113,126 +116,56 @@ class TestbedModelConfig:
 
 
 def _vocab() -> list[str]:
-    from tpm.testbed import VOCAB  # the domain module owns the grammar
+    from tpm.testbed.grammar import VOCAB  # the domain module owns the grammar
 
     return list(VOCAB)
 
 
 def build_tokenizer(vocab: list[str] | None = None, max_length: int = 16):
     """Word-level fast tokenizer over ``vocab`` (default: the domain VOCAB); appends ``<eos>``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tpm.testing import word_tokenizer
 
-    words = [w for w in dict.fromkeys(vocab if vocab is not None else _vocab()) if w not in SPECIAL_TOKENS]
-    ids = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
-    tok = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A <eos>", pair="$A <eos> $B <eos>", special_tokens=[("<eos>", ids["<eos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        model_max_length=max_length,
-        padding_side="right",
-    )
+    return word_tokenizer(vocab if vocab is not None else _vocab(), max_length, specials=SPECIAL_TOKENS,
+                          eos_token="<eos>", bos_token=None, sort_words=False, split_punctuation=False,
+                          pair_template=True)
 
 
 def _clip(cfg: TestbedModelConfig, vocab_size: int, projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from tpm.testing import clip_text_encoder
 
-    conf = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.text_dim,
-        intermediate_size=2 * cfg.text_dim,
-        projection_dim=cfg.text_dim,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=4,
-        max_position_embeddings=cfg.max_sequence_length,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-        attention_dropout=0.0,
-        dropout=0.0,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(conf)
+    return clip_text_encoder(vocab_size, cfg.text_dim, layers=cfg.text_layers, heads=4,
+                             max_length=cfg.max_sequence_length, projection=projection, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=1, attention_dropout=0.0, dropout=0.0)
 
 
 def _t5(cfg: TestbedModelConfig, vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
+    from tpm.testing import t5_encoder
 
-    conf = T5Config(
-        vocab_size=vocab_size,
-        d_model=cfg.t5_dim,
-        d_kv=cfg.t5_dim // 4,
-        d_ff=2 * cfg.t5_dim,
-        num_layers=cfg.text_layers,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=cfg.max_sequence_length,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return T5EncoderModel(conf)
+    return t5_encoder(vocab_size, cfg.t5_dim, d_kv=cfg.t5_dim // 4, layers=cfg.text_layers, heads=4, eos_token_id=1,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=cfg.max_sequence_length)
 
 
 def build_vae(cfg: TestbedModelConfig):
     """A small ``AutoencoderKL`` (untrained; ``tpm.testbed.train.train_vae`` fits it)."""
-    from diffusers import AutoencoderKL
+    from tpm.testing import autoencoder
 
-    n = len(cfg.vae_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=1,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=min(8, cfg.vae_channels[0]),
-        sample_size=cfg.resolution,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        mid_block_add_attention=False,
-    )
+    return autoencoder(cfg.vae_channels, cfg.latent_channels, sample_size=cfg.resolution,
+                       norm_groups=min(8, cfg.vae_channels[0]), scaling_factor=1.0, shift_factor=0.0,
+                       mid_block_add_attention=False)
 
 
 def _transformer(cfg: TestbedModelConfig):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from tpm.testing import flux_transformer, sd3_transformer
 
     if cfg.backbone == "flux":
         d = cfg.head_dim
-        return FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4 * cfg.latent_channels,
-            num_layers=cfg.num_layers,
-            num_single_layers=cfg.num_single_layers,
-            attention_head_dim=d,
-            num_attention_heads=cfg.num_heads,
-            joint_attention_dim=cfg.t5_dim,
-            pooled_projection_dim=cfg.text_dim,
-            guidance_embeds=False,
-            axes_dims_rope=(d // 4, 3 * d // 8, 3 * d // 8),
-        )
+        return flux_transformer(latent_channels=cfg.latent_channels, layers=cfg.num_layers,
+                                single_layers=cfg.num_single_layers, heads=cfg.num_heads, head_dim=d,
+                                text_dim=cfg.t5_dim, pooled_dim=cfg.text_dim, rope_axes=(d // 4, 3 * d // 8, 3 * d // 8))
     latent = cfg.resolution // cfg.vae_factor
-    return SD3Transformer2DModel(
-        sample_size=latent,
-        patch_size=2,
-        in_channels=cfg.latent_channels,
-        num_layers=cfg.num_layers,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.t5_dim,
-        caption_projection_dim=cfg.num_heads * cfg.head_dim,
-        pooled_projection_dim=2 * cfg.text_dim,
-        out_channels=cfg.latent_channels,
-        pos_embed_max_size=latent // 2,
-    )
+    return sd3_transformer(sample_size=latent, latent_channels=cfg.latent_channels, layers=cfg.num_layers,
+                           heads=cfg.num_heads, head_dim=cfg.head_dim, text_dim=cfg.t5_dim, pooled_dim=2 * cfg.text_dim,
+                           pos_embed_max_size=latent // 2)
 
 
 def build_pipeline(cfg: TestbedModelConfig, *, vae=None, vocab: list[str] | None = None, seed: int = 0):
@@ -240,7 +173,9 @@ def build_pipeline(cfg: TestbedModelConfig, *, vae=None, vocab: list[str] | None
 
     ``vae``: a trained ``AutoencoderKL`` to reuse (its factor must match ``cfg.vae_channels``).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tpm.testing import assemble_pipeline
 
     torch.manual_seed(seed)
     tok = build_tokenizer(vocab, cfg.max_sequence_length)
@@ -249,40 +184,23 @@ def build_pipeline(cfg: TestbedModelConfig, *, vae=None, vocab: list[str] | None
     if 2 ** (len(vae.config.block_out_channels) - 1) != cfg.vae_factor:
         raise ValueError("the given VAE's downsampling factor does not match cfg.vae_channels")
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    # Built in this order (one seed for all): the text encoders, then the transformer.
     if cfg.backbone == "flux":
-        pipe = FluxPipeline(
-            scheduler=sched,
-            vae=vae,
-            text_encoder=_clip(cfg, n_vocab, projection=False),
-            tokenizer=tok,
-            text_encoder_2=_t5(cfg, n_vocab),
-            tokenizer_2=tok,
-            transformer=_transformer(cfg),
-        )
+        encoders = [_clip(cfg, n_vocab, projection=False), _t5(cfg, n_vocab)]
     else:
-        pipe = StableDiffusion3Pipeline(
-            scheduler=sched,
-            vae=vae,
-            text_encoder=_clip(cfg, n_vocab, projection=True),
-            tokenizer=tok,
-            text_encoder_2=_clip(cfg, n_vocab, projection=True),
-            tokenizer_2=tok,
-            text_encoder_3=_t5(cfg, n_vocab),
-            tokenizer_3=tok,
-            transformer=_transformer(cfg),
-        )
+        encoders = [_clip(cfg, n_vocab, projection=True), _clip(cfg, n_vocab, projection=True), _t5(cfg, n_vocab)]
+    pipe = assemble_pipeline(cfg.backbone, scheduler=sched, vae=vae, transformer=_transformer(cfg),
+                             text_encoders=encoders, tokenizers=[tok] * len(encoders))
     _finish(pipe, cfg)
     return pipe
 
 
 def _finish(pipe, cfg: TestbedModelConfig) -> None:
-    for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):
-            comp.eval()  # config-built modules start in train mode
-    pipe.tpm_defaults = cfg.defaults
+    from tpm.testing import finish_pipeline
+
+    finish_pipeline(pipe, cfg.defaults)
     pipe.default_sample_size = cfg.resolution // cfg.vae_factor  # makes height=None mean cfg.resolution
     pipe.tpm_testbed_config = cfg
-    pipe.set_progress_bar_config(disable=True)
 
 
 def save_pipeline(pipe, path: str | Path, cfg: TestbedModelConfig, dtype: torch.dtype = torch.float16) -> None:
@@ -333,17 +251,13 @@ def load_pipeline(
 
 
 def call_kwargs(pipe, **overrides) -> dict[str, Any]:
-    """Keyword arguments for ``pipe(...)`` from ``pipe.tpm_defaults`` (Flux's CFG is ``true_cfg_scale``
-    with an empty negative prompt, SD3's is ``guidance_scale``), updated with ``overrides``."""
-    from diffusers import FluxPipeline
+    """Keyword arguments for ``pipe(...)`` / ``tpm.sample`` from ``pipe.tpm_defaults``, with the default
+    CFG strength passed as the pipeline takes it (:meth:`tpm.backbones.Backbone.sample_kwargs`),
+    updated with ``overrides``."""
+    from tpm.backbones import get_backbone
 
     d = dict(getattr(pipe, "tpm_defaults", {}))
     scale = d.pop("guidance_scale", 1.0)
-    if isinstance(pipe, FluxPipeline):
-        d["true_cfg_scale"] = scale
-        if scale > 1:
-            d["negative_prompt"] = ""
-    else:
-        d["guidance_scale"] = scale
+    d.update(get_backbone(pipe).sample_kwargs(scale))
     d.update(overrides)
     return d
