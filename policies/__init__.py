@@ -15,7 +15,7 @@ from policies.field import FieldPolicy
 from policies.masks import find_objects, mask_from_image
 from policies.shifted import ShiftedGrid
 from policies.spatial import Inpaint, Raster, inpaint_policy, outpaint_policy
-from policies.tpm import TPM
+from policies.tpm import TPM, ConstantDeviation
 from policies.uncertainty import UncertaintyPatches
 from policies.uncertainty_head import UncertaintyHead
 from policies.velocity_scale import VelocityScale
@@ -28,6 +28,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "velocity_scale": ("velocity_scale", {}),
     "field": ("field", {}),
     "shifted_grid": ("shifted_grid", {}),
+    "constant_deviation": ("constant_deviation", {}),
     "uncertainty": ("uncertainty_patches", {"source": "x0_change"}),
     **_concave.PRESETS,
 }
@@ -75,6 +76,6 @@ def _variant_options(base: str, variant: str) -> dict:
     return table[variant]
 
 
-__all__ = ["Concave", "FieldPolicy", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
+__all__ = ["Concave", "ConstantDeviation", "FieldPolicy", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
            "UncertaintyHead", "UncertaintyPatches", "VelocityScale", "available", "find_objects", "inpaint_policy",
            "load", "mask_from_image", "outpaint_policy"]

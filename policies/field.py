@@ -53,10 +53,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from policies.layers import Block, fourier, pool_text
+from policies.layers import Block, encode_sequence, pool_text
 from policies.masks import object_positions
 from policies.tpm import dims_for_pipeline
 from tpm.distributions import BetaActions, mode_concentration
@@ -204,16 +203,7 @@ class FieldNetwork(nn.Module):
         cfg = self.cfg
         dev, dt = self.readout.device, self.readout.dtype
         tok = inputs["tokens"].to(dev, dt)
-        bsz = tok.shape[0]
-        seq = torch.cat([
-            self.readout.expand(bsz, -1, -1),
-            self.temporal_in(fourier(inputs["temporal"].to(dev, dt)))[:, None],
-            self.pooled_in(inputs["pooled"].to(dev, dt))[:, None],
-            self.text_in(inputs["text"].to(dev, dt)) + self.text_pos,
-            self.token_in(tok) + self.token_pos,
-        ], dim=1)
-        for block in self.blocks:
-            seq = block(seq)
+        seq = encode_sequence(self, inputs, self.token_in(tok) + self.token_pos)
         g = self.grid_head(seq[:, 0])  # (B, 2)
         t = self.token_head(seq[:, -tok.shape[1]:])  # (B, n, 4)
         raw = {"grid": (g[:, 0], g[:, 1]), "offset": (t[..., 0], t[..., 1]), "cond": (t[..., 2], t[..., 3])}
@@ -259,13 +249,13 @@ class FieldPolicy(TrainablePolicy):
         self.net = FieldNetwork(self.config)
 
     @classmethod
-    def for_pipeline(cls, pipe, height: int | None = None, width: int | None = None, **options) -> FieldPolicy:
-        """Build with ``pipe``'s token/text widths and the token grid of a height x width image
-        (default: the pipeline's default size)."""
+    def for_pipeline(cls, pipe, image_size: tuple[int | None, int | None] | None = None, **options) -> FieldPolicy:
+        """Build with ``pipe``'s token/text widths and the token grid of images of ``image_size`` =
+        (height, width) pixels (default: the pipeline's default size)."""
         from tpm.backbones import get_backbone
 
         backbone = get_backbone(pipe)
-        h, w = backbone.resolve_size(height, width)
+        h, w = backbone.resolve_size(*(image_size or (None, None)))
         return cls(**{**dims_for_pipeline(pipe), "grid": list(backbone.grid(h, w)), **options})
 
     def attention_layers(self, num_layers: int) -> list[int] | None:

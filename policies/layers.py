@@ -39,3 +39,24 @@ def fourier(x: torch.Tensor, n: int = 8) -> torch.Tensor:
 def pool_text(embeds: torch.Tensor, tokens: int) -> torch.Tensor:
     """(B, T, D) prompt embedding sequence -> (B, tokens, D) by average pooling along the sequence."""
     return F.adaptive_avg_pool1d(embeds.transpose(1, 2), tokens).transpose(1, 2).contiguous()
+
+
+def encode_sequence(net: nn.Module, inputs: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+    """Run ``net.blocks`` over [read-out tokens, temporal, pooled prompt, prompt tokens, image tokens].
+
+    ``net`` holds the shared embedding layers by name (``readout``, ``temporal_in``, ``pooled_in``,
+    ``text_in``, ``text_pos``, ``blocks``); ``image``: (B, n, width) already embedded. Inputs are
+    the replay record's "temporal", "pooled" and "text" entries.
+    """
+    dev, dt = net.readout.device, net.readout.dtype
+    bsz = image.shape[0]
+    seq = torch.cat([
+        net.readout.expand(bsz, -1, -1),
+        net.temporal_in(fourier(inputs["temporal"].to(dev, dt)))[:, None],
+        net.pooled_in(inputs["pooled"].to(dev, dt))[:, None],
+        net.text_in(inputs["text"].to(dev, dt)) + net.text_pos,
+        image,
+    ], dim=1)
+    for block in net.blocks:
+        seq = block(seq)
+    return seq

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policies.layers import Block, fourier, pool_text
+from policies.layers import Block, encode_sequence, pool_text
 from tpm.distributions import BetaActions
 from tpm.fields import synchronous_next
-from tpm.policy import Action, PolicyError, State, TrainablePolicy, register_policy
+from tpm.policy import Action, Policy, PolicyError, State, TrainablePolicy, register_policy
 
 
 # ---- the maths of the paper, as pure functions -----------------------------------------------
@@ -164,16 +164,7 @@ class TPMNetwork(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         dev, dt = self.readout.device, self.readout.dtype
         img = inputs["image"].to(dev, dt).flatten(2).transpose(1, 2)  # (B, g*g, 3C)
-        bsz = img.shape[0]
-        tokens = torch.cat([
-            self.readout.expand(bsz, -1, -1),
-            self.temporal_in(fourier(inputs["temporal"].to(dev, dt)))[:, None],
-            self.pooled_in(inputs["pooled"].to(dev, dt))[:, None],
-            self.text_in(inputs["text"].to(dev, dt)) + self.text_pos,
-            self.image_in(img) + self.image_pos,
-        ], dim=1)
-        for block in self.blocks:
-            tokens = block(tokens)
+        tokens = encode_sequence(self, inputs, self.image_in(img) + self.image_pos)
         ab = self.head(tokens[:, : self.cfg.readout_tokens].flatten(1))
         return phi(ab[:, 0]), phi(ab[:, 1])
 
@@ -211,13 +202,14 @@ def network_inputs(state: State, cfg: TPMConfig, prev_cond: torch.Tensor | None,
 
 
 def dims_for_pipeline(pipe) -> dict[str, int]:
-    """token_dim, text_dim, pooled_dim of a diffusers SD3 / Flux pipeline, read from its transformer config."""
-    cfg = pipe.transformer.config
+    """token_dim, text_dim, pooled_dim of a pipeline's backbone (its adapter reads them from the model config)."""
+    from tpm.backbones import get_backbone
+
+    backbone = get_backbone(pipe)
     try:
-        return {"token_dim": int(cfg.in_channels) * int(getattr(cfg, "patch_size", 1)) ** 2,
-                "text_dim": int(cfg.joint_attention_dim), "pooled_dim": int(cfg.pooled_projection_dim)}
+        return {"token_dim": backbone.token_dim, "text_dim": backbone.text_dim, "pooled_dim": backbone.pooled_dim}
     except AttributeError as e:
-        raise PolicyError(f"cannot read the TPM's input sizes from {type(pipe.transformer).__name__} ({e}); "
+        raise PolicyError(f"cannot read the policy's input sizes from {type(pipe).__name__} ({e}); "
                           "pass token_dim, text_dim and pooled_dim explicitly") from None
 
 
@@ -273,3 +265,35 @@ class TPM(BetaPolicy):
         memory["prev_tau"] = state.tau.detach()
         memory["prev_cond"] = action.tau_cond.detach()
         return action
+
+
+@dataclass
+class ConstantDeviationConfig:
+    r: float = 0.5  # the fixed action in (0, 1); 0.5 is the synchronous sampler
+    gamma: float = 1.0
+    lifted_bound: bool = False
+    sigma_min: float = 1e-3
+
+    def __post_init__(self):
+        if not 0 < self.r < 1:
+            raise PolicyError(f"constant_deviation: r must lie in (0, 1), got {self.r}")
+
+
+@register_policy("constant_deviation")
+class ConstantDeviation(Policy):
+    """The TPM's action with one fixed r at every step (Eq. 6; Algorithm 2 keeps t*_0 = t_0).
+
+    The fixed family a TPM has to beat: if the same r for every prompt and state were as good as
+    the trained network, the network learned nothing a constant could not.
+    """
+
+    config_class = ConstantDeviationConfig
+
+    def act(self, state: State) -> Action:
+        cfg = self.config
+        prev = state.memory.get("prev_tau")
+        state.memory["prev_tau"] = state.tau
+        if prev is None:
+            return Action(tau_next=synchronous_next(state))
+        eta = deviation_factor(torch.full((state.batch_size,), cfg.r), cfg.gamma, cfg.lifted_bound)
+        return Action(tau_next=synchronous_next(state), tau_cond=pseudo_timestep(prev, state.tau, eta, cfg.sigma_min))

@@ -6,7 +6,7 @@
 
 Defaults: TPM on the shipped testbed SD3 (``tpm.testbed.load_pipeline("sd3")``), rewarded by the
 testbed verifier, prompts from the testbed train split, reward before/after on the val split.
-Everything else lives in ``tpm.grpo`` (see ``tpm/grpo/recipe.py`` for the config keys).
+Everything else lives in ``tpm.train`` (the config keys: ``tpm.train.RecipeConfig``) and ``tpm.grpo``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from tpm.grpo import GRPOConfig
-from tpm.grpo.recipe import RecipeConfig, main
+from tpm.train import RecipeConfig, main
 
 # Sized to finish in a few minutes on a 2-core CPU with the tiny testbed SD3 (32x32 images).
 DEFAULTS = RecipeConfig(

@@ -20,7 +20,7 @@ PACKAGES = ("tpm", "policies", "rewards")
 # Modules of tpm that may import policies / rewards, and why.
 WIRING = {
     "tpm.cli": "the command line and tpm.compare turn policy and reward names into objects",
-    "tpm.grpo.recipe": "the GRPO recipes' shared body turns config names into a policy and a reward",
+    "tpm.train": "the training entry point turns config names into a policy, a reward and baselines",
 }
 
 

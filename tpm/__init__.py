@@ -3,7 +3,7 @@
 Core package: time fields, the policy interface, backbone adapters with per-token time, and
 the one sampler loop. It does not import ``policies`` or ``rewards`` (they import ``tpm``); only the
 wiring modules do, :mod:`tpm.cli` (names -> objects for the command line and :func:`compare`) and
-the GRPO recipes' ``tpm.grpo.recipe``. ``docs/ARCHITECTURE.md`` has the whole layout.
+the training entry point ``tpm.train``. ``docs/ARCHITECTURE.md`` has the whole layout.
 """
 
 from tpm.policy import Action, Policy, PolicyError, State

@@ -24,7 +24,6 @@ because loading must fail with a message that names the policy registry, not a m
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -34,8 +33,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from tpm.fields import synchronous_next
+from tpm.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_config, write_config_and_weights
+
+__all__ = ["ACTION_PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "Action", "Decision", "KnownRegion", "Policy", "PolicyError",
+           "RunContext", "State", "Synchronous", "SynchronousConfig", "TrainablePolicy", "read_policy_config",
+           "register_policy", "registered_policies", "split_record"]
+
 
 _POLICIES: dict[str, type[Policy]] = {}
 
@@ -183,14 +187,7 @@ class Policy(nn.Module):
         return {"policy": self.policy_name, **dataclasses.asdict(self.config)}
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(self.config_dict(), f, indent=2, sort_keys=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if state:
-            save_file(state, os.path.join(path, WEIGHTS_NAME))
+        write_config_and_weights(path, self.config_dict(), self)
 
     @classmethod
     def from_config_dict(cls, cfg: dict[str, Any]) -> Policy:
@@ -219,27 +216,7 @@ class Policy(nn.Module):
             if cls is not Policy and not issubclass(target, cls):
                 raise PolicyError(f"{path} holds a {name!r} policy, not a {cls.policy_name!r} one")
         policy = target.from_config_dict(cfg)
-        weights = os.path.join(path, WEIGHTS_NAME)
-        expected = policy.state_dict()
-        if expected:
-            if not os.path.isfile(weights):
-                raise PolicyError(f"{path} has no {WEIGHTS_NAME}, but a {name!r} policy has weights")
-            from safetensors.torch import load_file
-
-            try:
-                loaded = load_file(weights)
-            except Exception as e:  # corrupt file
-                raise PolicyError(f"{weights} could not be read ({e}); re-export the policy") from None
-            bad = {k: (tuple(v.shape), tuple(loaded[k].shape)) for k, v in expected.items()
-                   if k in loaded and v.shape != loaded[k].shape}
-            missing = sorted(set(expected) - set(loaded))
-            if bad or missing:
-                raise PolicyError(
-                    f"{weights} does not match the {name!r} policy built from its config "
-                    f"(shape mismatches {bad}, missing {missing}); it was made for another "
-                    "configuration or backbone"
-                )
-            policy.load_state_dict(loaded, strict=True)
+        load_weights(path, policy, label=f"{name!r} policy", kind="policy", error=PolicyError)
         return policy.eval()
 
 
@@ -346,27 +323,13 @@ class TrainablePolicy(Policy):
 
 
 def read_policy_config(path: str | os.PathLike) -> dict[str, Any]:
-    if not os.path.isdir(path):
-        raise PolicyError(f"policy directory {str(path)!r} does not exist")
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise PolicyError(
-            f"{path} has no {CONFIG_NAME}: it is not an exported policy "
-            "(export one with `policy.save_pretrained(dir)`)"
-        )
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise PolicyError(f"{cfg_path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or "policy" not in cfg:
-        raise PolicyError(f"{cfg_path} has no 'policy' key naming the policy class")
-    return cfg
+    """``path/config.json`` of an exported policy; :class:`PolicyError` says what is wrong with it."""
+    return read_config(path, key="policy", kind="policy", hint="export one with `policy.save_pretrained(dir)`",
+                       error=PolicyError)
 
 
 # --- the synchronous policy --------------------------------------------------------------------
 # Defined here, next to the interface, because the sampler uses it for ``policy=None``.
-from tpm.fields import synchronous_next  # noqa: E402
 
 
 @dataclass

@@ -20,7 +20,7 @@ TEXT_DIM = 8
 
 
 class AnalyticBackbone(Backbone):
-    """Tokens (B, N, C) on an h x w grid; ``decode`` returns them as a (B, C, h, w) "image"."""
+    """Tokens (B, N, C) on an h x w grid; ``decode_images`` returns them as a (B, C, h, w) "image"."""
 
     def __init__(self, grid=(4, 4), channels: int = 4, seed: int = 0):
         self.pipe = self
@@ -87,7 +87,22 @@ class AnalyticBackbone(Backbone):
         x0_hat = tc * self.pattern
         return Prediction((latents - x0_hat) / tc)
 
-    def decode(self, latents, height, width, output_type):
+    @property
+    def token_dim(self) -> int:
+        return self.channels
+
+    @property
+    def text_dim(self) -> int:
+        return TEXT_DIM
+
+    @property
+    def pooled_dim(self) -> int:
+        return TEXT_DIM
+
+    def sample_kwargs(self, scale=None):
+        return {}
+
+    def decode_images(self, latents, height, width, output_type="pil"):
         b = latents.shape[0]
         return (latents / self.pattern).transpose(1, 2).reshape(b, self.channels, self.h, self.w)
 

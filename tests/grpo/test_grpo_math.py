@@ -10,7 +10,6 @@ import torch
 from tpm.grpo import (
     GRPOConfig,
     GRPOConfigError,
-    beta_kl,
     group_advantages,
     ppo_clip_loss,
     trajectory_log_prob,
@@ -55,10 +54,30 @@ def test_per_step_ratio_broadcasts_advantages():
     assert torch.allclose(trajectory_log_prob(step), torch.tensor([0.0, 0.0]))
 
 
-def test_beta_kl():
-    a = torch.tensor([2.0, 3.0])
-    assert torch.allclose(beta_kl(a, a, a, a), torch.zeros(2), atol=1e-6)
-    assert bool((beta_kl(a, a, a + 1, a) > 0).all())
+def test_beta_actions_log_prob_kl_and_activity_hand():
+    from scipy import stats
+
+    from tpm.distributions import BetaActions, beta_mode, mode_concentration
+
+    a = {"g": torch.tensor([2.0, 3.0]), "t": torch.tensor([[2.0, 4.0], [1.5, 2.5]])}
+    b = {"g": torch.tensor([2.0, 5.0]), "t": torch.tensor([[3.0, 2.0], [1.5, 6.0]])}
+    x = {"g": torch.tensor([0.3, 0.6]), "t": torch.tensor([[0.2, 0.9], [0.5, 0.1]])}
+    dist = BetaActions(a, b)
+    want = [sum(stats.beta.logpdf(float(x[n].reshape(2, -1)[i, j]), float(a[n].reshape(2, -1)[i, j]),
+                                  float(b[n].reshape(2, -1)[i, j])) for n in a for j in range(a[n].reshape(2, -1).shape[1]))
+            for i in range(2)]
+    assert torch.allclose(dist.log_prob(x).double(), torch.tensor(want, dtype=torch.float64), atol=1e-5)
+    # a part switched off for a sample adds nothing to its log-probability or KL
+    off = BetaActions(a, b, {"t": torch.tensor([1.0, 0.0])})
+    only_g = stats.beta.logpdf(0.6, 3.0, 5.0)
+    assert float(off.log_prob(x)[1]) == pytest.approx(only_g, abs=1e-5)
+    assert torch.allclose(dist.kl(dist), torch.zeros(2), atol=1e-6)
+    other = BetaActions({k: v + 1 for k, v in a.items()}, b)
+    assert bool((dist.kl(other) > 0).all())
+    # mode of Beta(1 + m k, 1 + (1 - m) k) is m; exactly 0.5 for m = 0.5
+    al, be = mode_concentration(torch.tensor([0.5, 0.2, 0.9]), 16.0)
+    assert float(beta_mode(al, be)[0]) == 0.5
+    assert torch.allclose(beta_mode(al, be), torch.tensor([0.5, 0.2, 0.9]), atol=1e-6)
 
 
 def test_config_rejects_group_not_dividing_batch():

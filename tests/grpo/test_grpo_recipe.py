@@ -13,12 +13,17 @@ import torch
 
 import policies
 import tpm
-from tpm.grpo.recipe import parse_args
+from tpm.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = """
-policy_options: {width: 32, heads: 2, layers: 2, image_grid: 4, text_tokens: 2}
+policy_options: {width: 16, heads: 2, layers: 1, text_tokens: 2, patch: 4, token_offsets: false}
+warm_start: {policy: shifted_grid, shift: 2.0}
+warm_start_prompts: 4
+warm_start_iterations: 5
+baselines: {"shifted grid": {policy: shifted_grid, shift: 2.0}}
+reference_steps: 4
 grpo:
   group_size: 2
   batch_size: 4
@@ -37,7 +42,8 @@ def test_recipe_parses_yaml_and_flags(tmp_path):
     cfg = parse_args(["--config", str(cfg_file), "--max-iterations", "7", "--rewards", "testbed,clipscore",
                       "--output-dir", "x", "--resume"])
     assert cfg.grpo.group_size == 2 and cfg.grpo.max_iterations == 7 and cfg.grpo.resume
-    assert cfg.rewards == {"testbed": 0.5, "clipscore": 0.5} and cfg.policy_options["width"] == 32
+    assert cfg.rewards == {"testbed": 0.5, "clipscore": 0.5} and cfg.policy_options["width"] == 16
+    assert cfg.warm_start == {"policy": "shifted_grid", "shift": 2.0} and cfg.reference_steps == 4
     cfg_file.write_text("grpo: {group_sise: 2}\n")
     with pytest.raises(ValueError, match="unknown grpo keys"):
         parse_args(["--config", str(cfg_file)])
@@ -71,13 +77,17 @@ def test_recipe_under_accelerate_launch(tmp_path, testbed_flux, processes):
     out = tmp_path / "run"
     proc = _launch(tmp_path, testbed_flux, out, processes)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out reward" in proc.stdout and str(out / "policy") in proc.stdout
+    assert "Held-out reward" in proc.stdout and str(out / "policy") in proc.stdout
+    assert (out / "report.md").is_file() and (out / "report.png").is_file()
     run = json.loads((out / "run.json").read_text())
     assert run["iterations"] == 2 and "testbed" in run["final_eval"]
     assert (out / "checkpoints" / "checkpoint-000002" / "policy" / "model.safetensors").is_file()
     assert any((out / "logs").rglob("events.out.tfevents*"))
     policy = policies.load(str(out / "policy"))
-    assert isinstance(policy, policies.TPM)
+    assert isinstance(policy, policies.FieldPolicy)
+    report = (out / "report.md").read_text()
+    assert all(row in report for row in ("synchronous, 3 steps", "synchronous, 4 steps", "shifted grid, 3 steps",
+                                         "policy before training", "policy after training"))
     from tpm.testbed.models import load_pipeline
 
     pipe = load_pipeline(testbed_flux)

@@ -29,10 +29,10 @@ def test_rollout_keeps_only_replay_inputs(flux_pipe):
     policy = small_tpm(flux_pipe)
     batch = rollout(flux_pipe, policy, PROMPTS[:2], [1, 2], num_inference_steps=3, height=32, width=32)
     assert batch.log_probs.shape == (2, 2)  # K = 3 steps, the first takes no decision (Algorithm 2)
-    assert set(batch.static) == {"text", "pooled"} and "image" in batch.steps and "r" in batch.steps
+    assert set(batch.static) == {"text", "pooled"} and "image" in batch.steps and "action:r" in batch.steps
     assert batch.images.shape == (2, 3, 32, 32)
-    inputs = batch.replay_inputs(torch.tensor([1, 0]))
-    logp = policy.log_prob(inputs, inputs["r"]).view(2, 2)
+    records = batch.records(torch.tensor([1, 0]))
+    logp = policy.log_prob(records).view(2, 2)
     assert torch.allclose(logp, batch.log_probs[[1, 0]], atol=1e-5)
     # same seed, same sample, whatever the batch around it
     again = rollout(flux_pipe, policy, PROMPTS[1:2], [2], num_inference_steps=3, height=32, width=32, explore=False)
@@ -112,10 +112,10 @@ def test_synchronous_baseline_uses_the_same_noises(flux_pipe, tmp_path):
                 minibatch_size=2, num_inference_steps=3, height=32, width=32, eval_prompts=3, progress=False)
     tr = GRPOTrainer(GRPOConfig(**opts), small_tpm(flux_pipe, gamma=0.0), flux_pipe, brightness, PROMPTS,
                      PROMPTS[:3])
-    sync = tr.evaluate(synchronous=True)
+    sync = tr.evaluate(policy=None)
     pinned = tr.evaluate()
-    assert set(sync) == {"reward"} and pinned["deviation"] != 0.0  # the mode itself is not 0.5
-    assert pinned["reward"] == pytest.approx(sync["reward"], abs=1e-7)
+    assert not sync.stats and pinned.stats["deviation/mean"] != 0.0  # the mode itself is not 0.5
+    assert pinned.metrics["reward"] == pytest.approx(sync.metrics["reward"], abs=1e-7)
     moved = GRPOTrainer(GRPOConfig(**opts), small_tpm(flux_pipe, gamma=1.0, init_scale=1.0), flux_pipe, brightness,
                         PROMPTS, PROMPTS[:3]).evaluate()
-    assert abs(moved["reward"] - sync["reward"]) > 1e-5  # a policy that deviates is told apart
+    assert abs(moved.means()["reward"] - sync.means()["reward"]) > 1e-5  # a policy that deviates is told apart

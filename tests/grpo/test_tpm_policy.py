@@ -10,7 +10,8 @@ import torch
 
 import policies
 import tpm
-from policies.tpm import beta_log_prob, beta_mode, deviation_factor, phi, pseudo_timestep
+from policies.tpm import deviation_factor, phi, pseudo_timestep
+from tpm.distributions import beta_log_prob, beta_mode
 from tpm.policy import PolicyError
 
 from .conftest import small_tpm
@@ -71,7 +72,7 @@ def test_tpm_follows_algorithm_2_on_the_grid(flux_pipe):
     assert traj.actions[0].log_prob is None and torch.equal(traj.tau_cond[0], torch.ones_like(traj.tau_cond[0]))
     for k in range(1, STEPS):
         a = traj.actions[k]
-        r = a.extras["r"]
+        r = a.extras["action:r"]
         want = (s[k - 1] + (0.5 + r) * (s[k] - s[k - 1])).clamp(min=1e-3)
         assert torch.allclose(traj.tau_cond[k], want.view(-1, 1, 1).expand_as(traj.tau_cond[k]), atol=1e-6)
         assert torch.allclose(traj.tau[k + 1], s[k + 1].expand_as(traj.tau[k + 1]))  # tau_next: the grid
@@ -82,7 +83,7 @@ def test_log_prob_recomputed_from_extras(flux_pipe):
     policy = small_tpm(flux_pipe)
     traj = _run(flux_pipe, policy).trajectory
     for a in traj.actions[1:]:
-        assert torch.allclose(policy.log_prob(a.extras, a.extras["r"]), a.log_prob, atol=1e-5)
+        assert torch.allclose(policy.log_prob(a.extras), a.log_prob, atol=1e-5)
 
 
 def test_deterministic_mode_and_synchronous_start(flux_pipe):
@@ -90,7 +91,7 @@ def test_deterministic_mode_and_synchronous_start(flux_pipe):
     torch.nn.init.zeros_(policy.net.head[-1].weight)  # alpha = beta = phi(0) = 2 -> mode 0.5 -> synchronous
     out = _run(flux_pipe, policy, explore=False)
     for a in out.trajectory.actions[1:]:
-        assert torch.allclose(a.extras["r"], torch.full((2,), 0.5))
+        assert torch.equal(a.extras["action:r"], torch.full((2,), 0.5))
     sync = tpm.sample(flux_pipe, ["a red circle", "two blue squares"], num_inference_steps=STEPS, height=32, width=32,
                       output_type="pt", generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out.images, sync.images, atol=1e-5)
@@ -100,8 +101,10 @@ def test_deterministic_mean_option(flux_pipe):
     policy = small_tpm(flux_pipe, init_scale=1.0, deterministic="mean")
     out = _run(flux_pipe, policy, explore=False)
     for a in out.trajectory.actions[1:]:
-        mean, mode = a.extras["alpha"] / (a.extras["alpha"] + a.extras["beta"]), beta_mode(a.extras["alpha"], a.extras["beta"])
-        assert torch.allclose(a.extras["r"], mean) and not torch.allclose(a.extras["r"], mode)
+        inputs = {k: v for k, v in a.extras.items() if not k.startswith("action:")}
+        alpha, beta = policy.net(inputs)
+        mean, mode = alpha / (alpha + beta), beta_mode(alpha, beta)
+        assert torch.allclose(a.extras["action:r"], mean) and not torch.allclose(a.extras["action:r"], mode)
     with pytest.raises(PolicyError, match="deterministic"):
         small_tpm(flux_pipe, deterministic="median")
 
@@ -132,9 +135,9 @@ def test_velocity_scale_scales_the_step(flux_pipe):
     traj = _run(flux_pipe, policy).trajectory
     assert len(traj.actions) == STEPS
     for k, a in enumerate(traj.actions):
-        assert torch.allclose(a.step_scale, 0.5 + a.extras["r"])  # Eq. 20
+        assert torch.allclose(a.step_scale, 0.5 + a.extras["action:r"])  # Eq. 20
         assert torch.equal(traj.tau_cond[k], traj.tau[k])  # the denoiser sees the latent's own time
-        assert torch.allclose(policy.log_prob(a.extras, a.extras["r"]), a.log_prob, atol=1e-5)
+        assert torch.allclose(policy.log_prob(a.extras), a.log_prob, atol=1e-5)
 
 
 def test_presets_registered(tmp_path, monkeypatch):

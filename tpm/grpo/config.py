@@ -18,6 +18,7 @@ class GRPOConfigError(ValueError):
 
 
 RATIO_MODES = ("trajectory", "step")
+GROUP_NOISE = ("distinct", "shared")
 
 
 @dataclass
@@ -32,6 +33,9 @@ class GRPOConfig:
     group_size: int = field(default=16, metadata={"help": "G: samples per prompt from different noises (AsyncDiff: 16)."})
     batch_size: int = field(default=16, metadata={
         "help": "Samples per iteration over all processes; a multiple of group_size (batch_size / G prompts)."})
+    group_noise: str = field(default="distinct", metadata={
+        "help": "'distinct': each sample of a group starts from its own noise (AsyncDiff); 'shared': the whole "
+                "group starts from one noise, so rewards within a group differ only by the policy's draws."})
     rollout_batch_size: int = field(default=16, metadata={
         "help": "Samples denoised together per backbone call, per process (memory knob only)."})
     num_inference_steps: int | None = field(default=None, metadata={
@@ -75,6 +79,7 @@ class GRPOConfig:
              f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}): every prompt "
              f"gets a full group; set batch_size to {max(1, round(self.batch_size / self.group_size)) * self.group_size}")
         need(self.ratio in RATIO_MODES, f"ratio must be one of {RATIO_MODES}, got {self.ratio!r}")
+        need(self.group_noise in GROUP_NOISE, f"group_noise must be one of {GROUP_NOISE}, got {self.group_noise!r}")
         for name in ("learning_rate", "clip_eps", "adv_eps"):
             v = float(getattr(self, name))
             need(math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v}")

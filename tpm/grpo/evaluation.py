@@ -21,7 +21,7 @@ import torch
 from tpm.grpo.reward import TrainingReward
 from tpm.grpo.rollout import rollout
 from tpm.grpo.seeds import Stream, seed_for
-from tpm.sampler import GridPolicy
+from tpm.policy import Synchronous
 
 
 @dataclass
@@ -56,7 +56,7 @@ def evaluate(pipe, policy, prompts: Sequence[str], reward: TrainingReward, *, ac
     lo = rank * per
     local = padded[lo:lo + per]
     seeds = evaluation_seeds(per * procs, seed)[lo:lo + per]
-    pol = GridPolicy() if policy is None else policy  # MERGE-TODO: tpm.policy.Synchronous
+    pol = Synchronous() if policy is None else policy
     pol.eval()
     batch = rollout(pipe, pol, local, seeds, num_inference_steps=num_inference_steps, height=height, width=width,
                     rollout_batch_size=rollout_batch_size, sample_kwargs=sample_kwargs, explore=False)

@@ -1,7 +1,8 @@
 """Rollouts: sample with the frozen backbone under ``no_grad`` and keep what replay needs.
 
 Each sample is denoised by ``tpm.sample`` from its own seeded noise while the policy decides at
-every step (sampling its actions when exploring, deterministic otherwise). Per decision only the
+every step (sampling its actions when exploring, deterministic otherwise); a step callback collects
+the policy's actions. Per decision only the
 :class:`~tpm.policy.TrainablePolicy` record (the network's inputs and the action parts) and the
 log-probability are kept, no latents; record entries the policy lists in ``static_inputs`` (the
 prompt embeddings) are kept once per sample. The trainer replays them through the policy network
@@ -17,34 +18,8 @@ from typing import Any
 
 import torch
 
-from tpm.policy import ACTION_PREFIX, Action, Policy, RunContext, State
-from tpm.sampler import sample
-
-
-class _Recorder(Policy):
-    """Delegates to ``inner`` and keeps its actions (not registered, never saved)."""
-
-    config_class = dict
-
-    def __init__(self, inner: Policy):
-        super().__init__(config={})
-        object.__setattr__(self, "inner", inner)  # not a submodule: the recorder owns no weights
-        self.actions: list[Action] = []
-
-    def attention_layers(self, num_layers: int):
-        return self.inner.attention_layers(num_layers)
-
-    def known_region(self):
-        return self.inner.known_region()
-
-    def begin(self, ctx: RunContext) -> dict[str, Any]:
-        self.actions = []
-        return self.inner.begin(ctx)
-
-    def act(self, state: State) -> Action:
-        action = self.inner.act(state)
-        self.actions.append(action)
-        return action
+from tpm.policy import ACTION_PREFIX, Action, Policy
+from tpm.sampler import StepOutput, sample
 
 
 @dataclass
@@ -118,7 +93,11 @@ def rollout(pipe, policy: Policy, prompts: list[str], seeds: list[int], *, num_i
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per sample")
     static_keys = tuple(getattr(policy, "static_inputs", ()))
-    recorder = _Recorder(policy)
+    actions: list[Action] = []
+
+    def record(out: StepOutput) -> None:
+        actions.append(out.action)
+
     parts: list[RolloutBatch] = []
     switch = getattr(policy, "exploring", None)
     ctx = switch(explore) if switch is not None else nullcontext()
@@ -126,9 +105,10 @@ def rollout(pipe, policy: Policy, prompts: list[str], seeds: list[int], *, num_i
         for s in range(0, len(prompts), rollout_batch_size):
             chunk = prompts[s:s + rollout_batch_size]
             gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + rollout_batch_size]]
-            out = sample(pipe, chunk, policy=recorder, num_inference_steps=num_inference_steps, height=height,
-                         width=width, generator=gens, output_type="pt", **(sample_kwargs or {}))
-            steps, static, log_probs = collect(recorder.actions, static_keys, len(chunk))
+            actions.clear()
+            out = sample(pipe, chunk, policy=policy, num_inference_steps=num_inference_steps, height=height,
+                         width=width, generator=gens, output_type="pt", callback=record, **(sample_kwargs or {}))
+            steps, static, log_probs = collect(actions, static_keys, len(chunk))
             parts.append(RolloutBatch(list(chunk), out.images.detach().float().cpu(), steps, static, log_probs))
     return RolloutBatch.concat(parts)
 

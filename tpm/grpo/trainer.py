@@ -167,10 +167,11 @@ class GRPOTrainer:
         """Gathered total reward (all processes, sample order) and gathered per-metric raw scores."""
         metrics = {k: self._gather(torch.as_tensor(v).reshape(-1)) for k, v in
                    self.reward.metrics(batch.images, batch.prompts).items()}
-        if all(bool(torch.isfinite(v).all()) for v in metrics.values()):
+        finite = torch.stack([torch.isfinite(v) for v in metrics.values()]).all(0)
+        if bool(finite.all()):
             total = torch.as_tensor(self.reward.combine(metrics)).float().reshape(-1)
-        else:
-            total = torch.full((self.config.batch_size,), math.nan)
+        else:  # NaN where a metric failed; the iteration is skipped
+            total = torch.where(finite, torch.zeros_like(finite, dtype=torch.float32), math.nan)
         if total.numel() != self.config.batch_size:
             raise GRPOConfigError(f"the reward returned {total.numel()} scores for {self.config.batch_size} samples")
         return total, metrics
@@ -178,7 +179,10 @@ class GRPOTrainer:
     def rollout_iteration(self, iteration: int) -> RolloutBatch:
         cfg, acc = self.config, self.accelerator
         prompts = [p for p in self.iteration_prompts(iteration) for _ in range(cfg.group_size)]
-        seeds = [seed_for(cfg.seed, Stream.NOISE, iteration, j) for j in range(cfg.batch_size)]
+        # "shared": one noise per group, so a group's rewards differ only by the policy's draws and the group
+        # mean is a baseline for that very noise (far less variance than across noises).
+        noise_of = (lambda j: j // cfg.group_size) if cfg.group_noise == "shared" else (lambda j: j)
+        seeds = [seed_for(cfg.seed, Stream.NOISE, iteration, noise_of(j)) for j in range(cfg.batch_size)]
         lo = acc.process_index * self.local_batch
         hi = lo + self.local_batch
         torch.manual_seed(seed_for(cfg.seed, Stream.ACTIONS, iteration, acc.process_index))

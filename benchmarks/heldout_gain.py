@@ -1,0 +1,147 @@
+"""Does a trained policy beat fixed schedules on held-out prompts? The acceptance test of a learned policy.
+
+    python benchmarks/heldout_gain.py --policies outputs/grpo_flux/policy --steps 3 \\
+        --baselines shifted_grid:shift=2.0,dm_concave:weight=0.5 --prompts testbed:test --seeds 1000-1007
+
+On the same prompts and noises (:mod:`tpm.grpo.evaluation`; noise set s of prompt j is the same for
+every policy), it scores the synchronous sampler at ``--steps`` and at ``--reference-steps``, every
+fixed baseline and every given policy at ``--steps``, and reports, for each policy, with 95 %
+paired bootstrap intervals over prompts (each prompt's noise sets averaged):
+
+- its gain over the synchronous sampler at the same steps (the same NFE: one call per step);
+- its difference to the best fixed baseline (the baseline with the highest mean);
+- the fraction of the gap between synchronous at ``--steps`` and at ``--reference-steps`` it closes.
+
+Make choices (step count, baselines) on val prompts; run this on test prompts with noise seeds no
+choice was made on. Prints JSON; ``--out`` also gets ``heldout.json`` and ``heldout.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+
+def parse_seeds(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
+def parse_policy(spec: str):
+    """"name:key=value:key=value" (a registered name with options) or a policy directory."""
+    import policies
+
+    if os.path.isdir(spec):
+        return policies.load(spec)
+    name, *pairs = spec.split(":")
+    opts = {}
+    for p in pairs:
+        if "=" not in p:  # a preset variant such as asyndm:exponential
+            name = f"{name}:{p}"
+            continue
+        k, v = p.split("=", 1)
+        opts[k] = json.loads(v) if v[:1] in "0123456789-[{tf" and v not in ("true", "false") else v
+        if v in ("true", "false"):
+            opts[k] = v == "true"
+    return policies.load(name, **opts)
+
+
+def ratio_interval(num: np.ndarray, den: np.ndarray, resamples: int = 4000, seed: int = 0) -> list[float]:
+    """mean(num) / mean(den) with a percentile bootstrap over prompts (paired rows)."""
+    rng = np.random.default_rng(seed)
+    n = len(num)
+    idx = rng.integers(0, n, size=(resamples, n))
+    r = num[idx].mean(1) / den[idx].mean(1)
+    return [round(float(num.mean() / den.mean()), 3), round(float(np.percentile(r, 2.5)), 3),
+            round(float(np.percentile(r, 97.5)), 3)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import rewards
+    from tpm.backbones import get_backbone
+    from tpm.comparison.stats import paired_bootstrap
+    from tpm.grpo import evaluate, training_reward
+    from tpm.loading import load_model, load_prompts
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policies", required=True, help="comma-separated policy directories (or names)")
+    ap.add_argument("--baselines", default="shifted_grid:shift=2.0", help="comma-separated fixed policies")
+    ap.add_argument("--model", default="testbed:flux")
+    ap.add_argument("--prompts", default="testbed:test")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--reference-steps", type=int, default=20)
+    ap.add_argument("--seeds", default="1000-1007", help="noise sets, e.g. 1000-1007 or 3,5,8")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = load_model(args.model)
+    kwargs = get_backbone(pipe).sample_kwargs()
+    prompts = load_prompts(args.prompts)
+    seeds = parse_seeds(args.seeds)
+    verifier = rewards.load("testbed")
+    reward = training_reward(lambda images, p: verifier.raw_scores(images, p))
+
+    def scores(policy, steps: int) -> np.ndarray:
+        runs = [evaluate(pipe, policy, prompts, reward, seed=s, num_inference_steps=steps,
+                         rollout_batch_size=args.batch_size, sample_kwargs=kwargs).metrics["reward"] for s in seeds]
+        return np.mean(runs, axis=0)
+
+    def diff(a, b) -> list[float]:
+        d = paired_bootstrap(a, b, num_resamples=4000)
+        return [round(d.estimate, 4), round(d.low, 4), round(d.high, 4)]
+
+    k = args.steps
+    sync, ref = scores(None, k), scores(None, args.reference_steps)
+    base = {spec: scores(parse_policy(spec), k) for spec in filter(None, args.baselines.split(","))}
+    best = max(base, key=lambda s: base[s].mean()) if base else None
+    report = {"prompts": args.prompts, "n_prompts": len(prompts), "seeds": seeds, "steps": k,
+              "synchronous": round(float(sync.mean()), 4),
+              f"synchronous_{args.reference_steps}": round(float(ref.mean()), 4),
+              "gap": diff(ref, sync),
+              "baselines": {s: {"mean": round(float(v.mean()), 4), "minus_synchronous": diff(v, sync)}
+                            for s, v in base.items()},
+              "best_fixed": best, "policies": {}}
+    for spec in filter(None, args.policies.split(",")):
+        sc = scores(parse_policy(spec), k)
+        row = {"mean": round(float(sc.mean()), 4), "minus_synchronous": diff(sc, sync),
+               "gap_closed": ratio_interval(sc - sync, ref - sync)}
+        if best is not None:
+            row["minus_best_fixed"] = diff(sc, base[best])
+        report["policies"][spec] = row
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "heldout.json"), "w") as f:
+            f.write(text)
+        with open(os.path.join(args.out, "heldout.md"), "w") as f:
+            f.write(markdown(report, args.reference_steps))
+    return report
+
+
+def markdown(r: dict, ref_steps: int) -> str:
+    f = "{:+.4f} [{:+.4f}, {:+.4f}]".format
+    lines = [f"{r['prompts']}, {r['n_prompts']} prompts x {len(r['seeds'])} noise sets ({r['seeds'][0]}..{r['seeds'][-1]}); "
+             f"{r['steps']} steps; synchronous {r['synchronous']:.4f}, at {ref_steps} steps "
+             f"{r[f'synchronous_{ref_steps}']:.4f} (gap {f(*r['gap'])})", "",
+             "| method | score | minus synchronous | minus best fixed | gap closed |", "|---|---|---|---|---|"]
+    for s, v in r["baselines"].items():
+        lines.append(f"| {s} | {v['mean']:.4f} | {f(*v['minus_synchronous'])} | | |")
+    for s, v in r["policies"].items():
+        g = v["gap_closed"]
+        mb = f(*v["minus_best_fixed"]) if "minus_best_fixed" in v else "-"
+        lines.append(f"| {s} | {v['mean']:.4f} | {f(*v['minus_synchronous'])} | {mb} | {g[0]:.2f} [{g[1]:.2f}, {g[2]:.2f}] |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
