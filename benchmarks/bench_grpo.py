@@ -45,7 +45,7 @@ def real_size_bytes(steps: int = 10, batch: int = 2) -> float:
                           latents=lat, grid=grid, prompts=[""] * batch, velocity=None if k == 0 else lat,
                           x0=None if k == 0 else lat, memory=memory, text_embeds=embeds, pooled=pooled)
             actions.append(policy.act(state))
-    st, static, logp = collect(actions, policy.static_extras)
+    st, static, logp = collect(actions, policy.static_inputs, batch)
     rb = RolloutBatch([""] * batch, torch.zeros(batch, 3, 1, 1), st, static, logp)
     return rb.stored_bytes() / (batch * rb.num_decisions)
 

@@ -34,25 +34,6 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
-def parse_policy(spec: str):
-    """"name:key=value:key=value" (a registered name with options) or a policy directory."""
-    import policies
-
-    if os.path.isdir(spec):
-        return policies.load(spec)
-    name, *pairs = spec.split(":")
-    opts = {}
-    for p in pairs:
-        if "=" not in p:  # a preset variant such as asyndm:exponential
-            name = f"{name}:{p}"
-            continue
-        k, v = p.split("=", 1)
-        opts[k] = json.loads(v) if v[:1] in "0123456789-[{tf" and v not in ("true", "false") else v
-        if v in ("true", "false"):
-            opts[k] = v == "true"
-    return policies.load(name, **opts)
-
-
 def ratio_interval(num: np.ndarray, den: np.ndarray, resamples: int = 4000, seed: int = 0) -> list[float]:
     """mean(num) / mean(den) with a percentile bootstrap over prompts (paired rows)."""
     rng = np.random.default_rng(seed)
@@ -64,6 +45,7 @@ def ratio_interval(num: np.ndarray, den: np.ndarray, resamples: int = 4000, seed
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import policies
     import rewards
     from tpm.backbones import get_backbone
     from tpm.comparison.stats import paired_bootstrap
@@ -72,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policies", required=True, help="comma-separated policy directories (or names)")
-    ap.add_argument("--baselines", default="shifted_grid:shift=2.0", help="comma-separated fixed policies")
+    ap.add_argument("--baselines", default="shifted_grid:shift=2.0,dm_concave:weight=0.5",
+                    help="comma-separated fixed policies (name:key=value, see policies.load)")
     ap.add_argument("--model", default="testbed:flux")
     ap.add_argument("--prompts", default="testbed:test")
     ap.add_argument("--steps", type=int, default=3)
@@ -101,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     k = args.steps
     sync, ref = scores(None, k), scores(None, args.reference_steps)
-    base = {spec: scores(parse_policy(spec), k) for spec in filter(None, args.baselines.split(","))}
+    base = {spec: scores(policies.load(spec), k) for spec in filter(None, args.baselines.split(","))}
     best = max(base, key=lambda s: base[s].mean()) if base else None
     report = {"prompts": args.prompts, "n_prompts": len(prompts), "seeds": seeds, "steps": k,
               "synchronous": round(float(sync.mean()), 4),
@@ -111,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                             for s, v in base.items()},
               "best_fixed": best, "policies": {}}
     for spec in filter(None, args.policies.split(",")):
-        sc = scores(parse_policy(spec), k)
+        sc = scores(policies.load(spec), k)
         row = {"mean": round(float(sc.mean()), 4), "minus_synchronous": diff(sc, sync),
                "gap_closed": ratio_interval(sc - sync, ref - sync)}
         if best is not None:

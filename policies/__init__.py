@@ -19,6 +19,7 @@ from policies.tpm import TPM, ConstantDeviation
 from policies.uncertainty import UncertaintyPatches
 from policies.uncertainty_head import UncertaintyHead
 from policies.velocity_scale import VelocityScale
+from tpm.loading import LoadError, parse_spec
 from tpm.policy import Policy, PolicyError, Synchronous, read_policy_config, registered_policies
 
 # Named presets: name -> (registered policy, options). "name:variant" picks a schedule variant.
@@ -42,11 +43,15 @@ def available() -> list[str]:
 
 
 def load(name_or_path: str | os.PathLike, **options) -> Policy:
-    """A policy by registered name / preset, or from an exported directory."""
+    """A policy by registered name / preset, or from an exported directory.
+
+    Names take variant words and options after colons: ``"asyndm:exponential"``,
+    ``"dm_concave:weight=0.5"``, ``"shifted_grid:shift=2.5"``; keyword ``options`` are added on top.
+    """
     key = str(name_or_path)
     base_name = key.partition(":")[0]
     # Names win over same-named folders (running from the repo root, "tpm" is also a directory).
-    is_name = base_name in PRESETS or key in registered_policies()
+    is_name = base_name in PRESETS or base_name in registered_policies()
     if not is_name and (os.path.isdir(key) or os.sep in key or key.startswith(".")):
         cfg = read_policy_config(key)
         cls = registered_policies().get(cfg["policy"])
@@ -56,17 +61,25 @@ def load(name_or_path: str | os.PathLike, **options) -> Policy:
         if options:
             raise PolicyError("options cannot be combined with a saved policy directory; edit its config.json")
         return policy
-    base, _, variant = key.partition(":")
+    try:
+        base, words, named = parse_spec(key)
+    except LoadError as e:
+        raise PolicyError(str(e)) from None
+    opts: dict = {}
     if base in PRESETS:
         reg, preset = PRESETS[base]
-        opts = dict(preset)
-        for word in filter(None, variant.split(":")):
+        opts.update(preset)
+        for word in words:
             opts.update(_variant_options(base, word))
-        opts.update(options)
-        return registered_policies()[reg](**opts)
-    if key in registered_policies():
-        return registered_policies()[key](**options)
-    raise PolicyError(f"unknown policy {key!r}; valid names: {available()} or a policy directory")
+    elif base in registered_policies():
+        reg = base
+        if words:
+            raise PolicyError(f"policy {base!r} has no variant {words[0]!r}; give options as key=value")
+    else:
+        raise PolicyError(f"unknown policy {key!r}; valid names: {available()} or a policy directory")
+    opts.update(named)
+    opts.update(options)
+    return registered_policies()[reg](**opts)
 
 
 def _variant_options(base: str, variant: str) -> dict:

@@ -16,7 +16,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tpm.loading import default_model, is_testbed_prompt_set, load_model, load_prompts, subset
+from tpm.loading import (
+    LoadError,
+    default_model,
+    is_testbed_prompt_set,
+    load_model,
+    load_prompts,
+    parse_spec,
+    subset,
+)
 
 DEFAULT_POLICIES = ("synchronous", "asyndm", "dm_concave")
 DEFAULT_PROMPTS = "testbed:val"
@@ -68,25 +76,13 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
     """``name`` or ``name:key=value:key=value`` (values parsed as int / float / bool when they look so)."""
     from tpm.comparison import CompareError
 
-    name, *opts = spec.split(":")
-    kwargs: dict[str, Any] = {}
-    for o in opts:
-        key, eq, val = o.partition("=")
-        if not eq or not key:
-            raise CompareError(f"reward option {o!r} in {spec!r} must be key=value")
-        kwargs[key] = _literal(val)
+    try:
+        name, words, kwargs = parse_spec(spec)
+    except LoadError as e:
+        raise CompareError(str(e)) from None
+    if words:
+        raise CompareError(f"reward option {words[0]!r} in {spec!r} must be key=value")
     return name, kwargs
-
-
-def _literal(v: str):
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool) -> dict[str, Any]:

@@ -106,6 +106,33 @@ def _diffusers(spec: str, dtype):
     return pipe
 
 
+def literal(text: str) -> Any:
+    """A command-line value as bool, int or float when it reads as one, else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(spec: str) -> tuple[str, list[str], dict[str, Any]]:
+    """``name:word:key=value...`` -> (name, variant words, options): how policies and rewards are named
+    with options on a command line (``dm_concave:exponential:weight=0.5``, ``clipscore:device=cpu``)."""
+    name, *parts = str(spec).split(":")
+    words = [p for p in parts if p and "=" not in p]
+    options = {}
+    for p in parts:
+        key, eq, value = p.partition("=")
+        if eq:
+            if not key:
+                raise LoadError(f"option {p!r} in {spec!r} must be key=value")
+            options[key] = literal(value)
+    return name, words, options
+
+
 def load_model(spec: str, dtype: str | Any = "float32", device=None):
     """A diffusers pipeline from ``spec`` (module docstring), in ``dtype``, moved to ``device`` if given.
 

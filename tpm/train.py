@@ -144,10 +144,13 @@ def build_reward(cfg: RecipeConfig):
         # raw_scores returns NaN instead of raising, so the trainer can skip that iteration.
         return {name: m.raw_scores(images, prompts) for name, m in models.items()}
 
+    def summary(means: dict[str, float]) -> float:  # keep_best's criterion: the weighted raw means
+        return sum(weights[name] * means[name] for name in weights)
+
     if len(weights) == 1:
         name = next(iter(weights))
-        return TrainingReward(metrics, lambda m: m[name].float() * weights[name])
-    return TrainingReward(metrics, lambda m: combine(m, weights).total)
+        return TrainingReward(metrics, lambda m: m[name].float() * weights[name], summary)
+    return TrainingReward(metrics, lambda m: combine(m, weights).total, summary)
 
 
 def build_policy(cfg: RecipeConfig, pipe, seed: int):
@@ -250,7 +253,8 @@ def held_out_report(trainer, before, baselines: dict, cfg: RecipeConfig) -> dict
     results = {label: trainer.evaluate(policy=pol, num_inference_steps=steps, keep_images=8)
                for label, pol, steps in rows}
     base = results[rows[0][0]]
-    out: dict[str, Any] = {"prompts": cfg.eval_prompts, "n": int(len(base.total)), "steps": k, "rows": {}}
+    out: dict[str, Any] = {"prompts": cfg.eval_prompts, "n": int(len(base.total)), "steps": k,
+                           "noise_sets": cfg.grpo.eval_noise_sets, "selected": trainer.best, "rows": {}}
     for label, res in results.items():
         row = {name: round(float(np.mean(v)), 4) for name, v in res.metrics.items()}
         diffs = {}
@@ -267,8 +271,8 @@ def write_report(report: dict[str, Any], trainer, output_dir: str) -> None:
     from tpm.plots import image_grid
 
     images = report.pop("_images")
-    lines = [f"Held-out reward ({report['prompts']}, {report['n']} prompts, one noise each, the same for every "
-             f"row; the policies act deterministically). Difference: paired bootstrap, 95 %.", ""]
+    lines = [f"Held-out reward ({report['prompts']}, {report['n']} prompts x {report['noise_sets']} noises, the same "
+             f"for every row; the policies act deterministically). Difference: paired bootstrap over prompts, 95 %.", ""]
     metric_names = list(next(iter(report["rows"].values()))["mean"])
     lines.append("| " + " | ".join(["method", *metric_names, *[f"{m} minus synchronous@{report['steps']}"
                                                                 for m in metric_names]]) + " |")
@@ -278,6 +282,11 @@ def write_report(report: dict[str, Any], trainer, output_dir: str) -> None:
         diffs = [("{:+.4f} [{:+.4f}, {:+.4f}]".format(*row["minus_synchronous"][m]) if m in row["minus_synchronous"]
                   else "-") for m in metric_names]
         lines.append("| " + " | ".join([label, *means, *diffs]) + " |")
+    sel = report.get("selected") or {}
+    if sel.get("iteration") is not None:
+        lines += ["", f"The exported policy is the evaluation of iteration {sel['iteration']} with the best reward on "
+                  "these prompts (keep_best), so its row is optimistic here: report held-out claims on other prompts "
+                  "and noises (benchmarks/heldout_gain.py --prompts testbed:test)."]
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(output_dir, "report.md"), "w") as f:

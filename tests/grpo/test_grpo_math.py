@@ -92,3 +92,18 @@ def test_config_rejects_group_not_dividing_batch():
         GRPOConfig(ratio="token")
     with pytest.raises(GRPOConfigError, match="exclude each other"):
         GRPOConfig(resume=True, overwrite=True)
+
+
+def test_learning_rate_schedules():
+    from tpm.grpo.trainer import lr_factor
+
+    const = GRPOConfig(max_iterations=10)
+    assert [lr_factor(const, i) for i in (0, 5, 10)] == [1.0, 1.0, 1.0]
+    cos = GRPOConfig(max_iterations=10, lr_schedule="cosine")
+    assert [lr_factor(cos, i) for i in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    warm = GRPOConfig(max_iterations=10, lr_schedule="cosine", warmup_iterations=3)
+    assert lr_factor(warm, 0) == pytest.approx(0.25 * 0.5 * (1 + math.cos(0)))
+    with pytest.raises(GRPOConfigError, match="lr_schedule must be one of"):
+        GRPOConfig(lr_schedule="linear")
+    with pytest.raises(GRPOConfigError, match="group_noise must be one of"):
+        GRPOConfig(group_noise="same")

@@ -119,3 +119,41 @@ def test_synchronous_baseline_uses_the_same_noises(flux_pipe, tmp_path):
     moved = GRPOTrainer(GRPOConfig(**opts), small_tpm(flux_pipe, gamma=1.0, init_scale=1.0), flux_pipe, brightness,
                         PROMPTS, PROMPTS[:3]).evaluate()
     assert abs(moved.means()["reward"] - sync.means()["reward"]) > 1e-5  # a policy that deviates is told apart
+
+
+@pytest.mark.parametrize("mode", ["shared", "distinct"])
+def test_group_noise(flux_pipe, tmp_path, mode):
+    # gamma = 0: the TPM's draws do not move the pseudo-timestep, so images differ only by their noise
+    tr = GRPOTrainer(GRPOConfig(output_dir=str(tmp_path), max_iterations=1, group_size=2, batch_size=4,
+                                rollout_batch_size=4, minibatch_size=2, num_inference_steps=2, height=32, width=32,
+                                eval_prompts=0, progress=False, group_noise=mode),
+                     small_tpm(flux_pipe, gamma=0.0), flux_pipe, brightness, PROMPTS)
+    images = tr.rollout_iteration(0).images
+    same = [torch.equal(images[0], images[1]), torch.equal(images[2], images[3])]
+    assert same == ([True, True] if mode == "shared" else [False, False])
+    assert not torch.equal(images[0], images[2])  # groups never share a noise
+
+
+def test_keep_best_exports_the_best_evaluation(flux_pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = GRPOConfig(output_dir=str(tmp_path), max_iterations=3, group_size=2, batch_size=4, rollout_batch_size=4,
+                     minibatch_size=2, num_inference_steps=2, height=32, width=32, learning_rate=5e-2, eval_prompts=2,
+                     eval_every=1, keep_best=True, save_every=1, progress=False)
+    tr = GRPOTrainer(cfg, small_tpm(flux_pipe), flux_pipe, brightness, PROMPTS, PROMPTS[:2])
+    seen = []
+    log_eval = tr._log_eval
+
+    def record(result, step):
+        seen.append((float(result.metrics["reward"].mean()), step, {k: v.clone() for k, v in tr.policy.state_dict().items()}))
+        return log_eval(result, step)
+
+    tr._log_eval = record
+    tr.train()
+    score, step, weights = max(seen, key=lambda s: s[0])  # the first of equal scores wins, as in the trainer
+    assert tr.best["iteration"] == step and tr.best["score"] == pytest.approx(score)
+    exported = load_file(str(tmp_path / "policy" / "model.safetensors"))
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
+    assert (tmp_path / "policy_last" / "model.safetensors").is_file()
+    with pytest.raises(GRPOConfigError, match="keep_best selects on held-out evaluations"):
+        GRPOConfig(keep_best=True, eval_prompts=0)

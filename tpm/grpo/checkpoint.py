@@ -64,8 +64,11 @@ def clear_run(output_dir: str) -> None:
             os.remove(path)
 
 
+BEST_WEIGHTS = "best_policy.safetensors"
+
+
 def save_checkpoint(output_dir: str, iteration: int, policy, reference, optimizer, scheduler,
-                    state: dict[str, Any], keep: int) -> str:
+                    state: dict[str, Any], keep: int, best: dict[str, torch.Tensor] | None = None) -> str:
     """Write ``checkpoint-<iteration>`` atomically and keep the newest ``keep``; returns its path.
 
     ``state`` is JSON-able trainer state (history, evaluations); the iteration and the RNG states
@@ -80,6 +83,10 @@ def save_checkpoint(output_dir: str, iteration: int, policy, reference, optimize
     policy.save_pretrained(os.path.join(tmp, "policy"))
     if reference is not None:  # the KL anchor must survive a resume too
         reference.save_pretrained(os.path.join(tmp, "reference"))
+    if best is not None:  # keep_best's candidate so far
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in best.items()}, os.path.join(tmp, BEST_WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, os.path.join(tmp, TRAINING_STATE))
     full = {**state, "iteration": iteration, "python_rng": _jsonable(random.getstate()),
@@ -94,6 +101,14 @@ def save_checkpoint(output_dir: str, iteration: int, policy, reference, optimize
     for old in done[:-keep]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return path
+
+
+def load_best(path: str) -> dict[str, torch.Tensor] | None:
+    """The keep_best candidate's weights stored in a checkpoint (CPU), or None."""
+    from safetensors.torch import load_file
+
+    best = os.path.join(path, BEST_WEIGHTS)
+    return load_file(best) if os.path.isfile(best) else None
 
 
 def load_checkpoint(path: str, policy, reference, optimizer, scheduler, device) -> dict[str, Any]:

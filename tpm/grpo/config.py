@@ -19,6 +19,7 @@ class GRPOConfigError(ValueError):
 
 RATIO_MODES = ("trajectory", "step")
 GROUP_NOISE = ("distinct", "shared")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class GRPOConfig:
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (AsyncDiff: 2e-5 Flux, 1e-5 SD3.5)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_iterations: int = field(default=0, metadata={"help": "Linear learning-rate warm-up, in iterations."})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "'constant' (AsyncDiff) or 'cosine': decay to 0 at max_iterations, so the exported policy is "
+                "not the last noisy step of a random walk."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip (AsyncDiff: 1.0); 0 disables it."})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range epsilon (AsyncDiff Eq. 14: 0.2)."})
     ratio: str = field(default="trajectory", metadata={
@@ -61,6 +65,11 @@ class GRPOConfig:
     # --- bookkeeping --------------------------------------------------------------------------
     eval_every: int = field(default=0, metadata={"help": "Evaluate on held-out prompts every N iterations; 0 = only at the end."})
     eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts used per evaluation (deterministic actions)."})
+    eval_noise_sets: int = field(default=1, metadata={
+        "help": "Noises per held-out prompt; an evaluation averages each prompt's scores over them."})
+    keep_best: bool = field(default=False, metadata={
+        "help": "Export the policy of the evaluation (the start or every eval_every iterations) with the best "
+                "held-out reward, instead of the last one; the last one is kept in policy_last/."})
     save_every: int = field(default=50, metadata={"help": "Write a checkpoint every N iterations; 0 = only the last."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk (oldest deleted first)."})
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
@@ -71,7 +80,7 @@ class GRPOConfig:
                 raise GRPOConfigError(msg)
 
         for name in ("max_iterations", "group_size", "batch_size", "rollout_batch_size", "minibatch_size",
-                     "gradient_accumulation", "epochs", "keep_checkpoints"):
+                     "gradient_accumulation", "epochs", "keep_checkpoints", "eval_noise_sets"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_iterations", "eval_every", "save_every", "eval_prompts"):
             need(int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -79,6 +88,7 @@ class GRPOConfig:
              f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}): every prompt "
              f"gets a full group; set batch_size to {max(1, round(self.batch_size / self.group_size)) * self.group_size}")
         need(self.ratio in RATIO_MODES, f"ratio must be one of {RATIO_MODES}, got {self.ratio!r}")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         need(self.group_noise in GROUP_NOISE, f"group_noise must be one of {GROUP_NOISE}, got {self.group_noise!r}")
         for name in ("learning_rate", "clip_eps", "adv_eps"):
             v = float(getattr(self, name))
@@ -87,6 +97,8 @@ class GRPOConfig:
             v = float(getattr(self, name))
             need(math.isfinite(v) and v >= 0, f"{name} must be a number >= 0, got {v}")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other: pick one")
+        need(not self.keep_best or self.eval_prompts > 0,
+             "keep_best selects on held-out evaluations: set eval_prompts > 0 (and eval_every)")
         if self.num_inference_steps is not None:
             need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         need(isinstance(self.sample_kwargs, dict), "sample_kwargs must be a mapping of tpm.sample arguments")

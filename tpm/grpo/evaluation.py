@@ -44,10 +44,23 @@ def evaluation_seeds(n: int, seed: int = 0) -> list[int]:
 
 @torch.no_grad()
 def evaluate(pipe, policy, prompts: Sequence[str], reward: TrainingReward, *, accelerator=None, seed: int = 0,
-             num_inference_steps: int | None = None, height: int | None = None, width: int | None = None,
-             rollout_batch_size: int = 16, sample_kwargs: dict[str, Any] | None = None,
+             noise_sets: int = 1, num_inference_steps: int | None = None, height: int | None = None,
+             width: int | None = None, rollout_batch_size: int = 16, sample_kwargs: dict[str, Any] | None = None,
              keep_images: int = 0) -> EvalResult:
-    """Score ``policy`` (``None`` = synchronous) on ``prompts``, one image each from the evaluation noises."""
+    """Score ``policy`` (``None`` = synchronous) on ``prompts`` from the evaluation noises of noise sets
+    ``seed .. seed + noise_sets - 1``; with several sets each prompt's scores are averaged over them."""
+    runs = [_evaluate_once(pipe, policy, prompts, reward, accelerator, seed + i, num_inference_steps, height, width,
+                           rollout_batch_size, sample_kwargs, keep_images if i == 0 else 0)
+            for i in range(max(1, noise_sets))]
+    if len(runs) == 1:
+        return runs[0]
+    metrics = {k: np.mean([r.metrics[k] for r in runs], axis=0) for k in runs[0].metrics}
+    stats = {k: float(np.mean([r.stats[k] for r in runs])) for k in runs[0].stats}
+    return EvalResult(metrics, np.mean([r.total for r in runs], axis=0), stats, runs[0].images)
+
+
+def _evaluate_once(pipe, policy, prompts, reward, accelerator, seed, num_inference_steps, height, width,
+                   rollout_batch_size, sample_kwargs, keep_images) -> EvalResult:
     prompts = list(prompts)
     procs = 1 if accelerator is None else accelerator.num_processes
     rank = 0 if accelerator is None else accelerator.process_index

@@ -26,6 +26,12 @@ Metrics = dict[str, torch.Tensor]
 class TrainingReward:
     metrics: Callable[[torch.Tensor, list[str]], Metrics]
     combine: Callable[[Metrics], torch.Tensor]
+    # One number per held-out evaluation, from each metric's mean: what ``keep_best`` selects on. The
+    # default is the mean of the metric means (the metric itself when there is one).
+    summary: Callable[[dict[str, float]], float] | None = None
+
+    def summarise(self, means: dict[str, float]) -> float:
+        return float(self.summary(means)) if self.summary is not None else float(sum(means.values()) / len(means))
 
 
 def training_reward(reward: Callable | TrainingReward,

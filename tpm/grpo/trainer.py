@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -46,6 +47,15 @@ from tpm.grpo.seeds import Stream, seed_for
 from tpm.policy import TrainablePolicy
 
 logger = logging.getLogger("tpm.grpo")
+
+
+def lr_factor(config: GRPOConfig, iteration: int) -> float:
+    """Learning-rate multiplier after ``iteration`` updates: linear warm-up, then constant or cosine to 0."""
+    warm = config.warmup_iterations
+    factor = min(1.0, (iteration + 1) / (warm + 1)) if warm else 1.0
+    if config.lr_schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * min(iteration, config.max_iterations) / config.max_iterations))
+    return factor
 
 
 @dataclass
@@ -102,15 +112,16 @@ class GRPOTrainer:
         if not self.params:
             raise GRPOConfigError(f"{type(policy).__name__} has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        warm = config.warmup_iterations
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: min(1.0, (it + 1) / (warm + 1)) if warm else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(config, it))
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
         self.iteration = 0
         self.history: list[dict[str, float]] = []
         self.initial_eval: dict[str, float] | None = None
+        # keep_best: the best held-out summary so far, its iteration and the policy weights then (CPU)
+        self.best: dict[str, Any] = {"score": None, "iteration": None}
+        self.best_weights: dict[str, torch.Tensor] | None = None
 
     # ---- output folder and checkpoints -----------------------------------------------------------
     def _prepare_output(self) -> None:
@@ -132,9 +143,11 @@ class GRPOTrainer:
         acc.wait_for_everyone()
         path = None
         if acc.is_main_process:
-            state = {"history": self.history, "config": self.config.to_dict(), "initial_eval": self.initial_eval}
+            state = {"history": self.history, "config": self.config.to_dict(), "initial_eval": self.initial_eval,
+                     "best": self.best}
             path = ckpt.save_checkpoint(self.config.output_dir, self.iteration, self.policy, self.reference,
-                                        self.optimizer, self.scheduler, state, self.config.keep_checkpoints)
+                                        self.optimizer, self.scheduler, state, self.config.keep_checkpoints,
+                                        best=self.best_weights)
         acc.wait_for_everyone()
         return path
 
@@ -143,6 +156,8 @@ class GRPOTrainer:
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.initial_eval = state.get("initial_eval")
+        self.best = state.get("best") or {"score": None, "iteration": None}
+        self.best_weights = ckpt.load_best(path)
 
     # ---- one iteration ---------------------------------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[str]:
@@ -294,7 +309,7 @@ class GRPOTrainer:
         cfg = self.config
         pol = self.policy if isinstance(policy, str) and policy == "trained" else policy
         return evaluate(self.pipe, pol, prompts, self.reward, accelerator=self.accelerator, seed=seed,
-                        num_inference_steps=num_inference_steps or cfg.num_inference_steps, height=cfg.height,
+                        noise_sets=cfg.eval_noise_sets, num_inference_steps=num_inference_steps or cfg.num_inference_steps, height=cfg.height,
                         width=cfg.width, rollout_batch_size=cfg.rollout_batch_size, sample_kwargs=cfg.sample_kwargs,
                         keep_images=keep_images)
 
@@ -302,6 +317,11 @@ class GRPOTrainer:
         if result is None:
             return None
         means = result.means()
+        if self.config.keep_best:
+            score = self.reward.summarise({k: float(np.mean(v)) for k, v in result.metrics.items()})
+            if self.best["score"] is None or score > self.best["score"]:
+                self.best = {"score": score, "iteration": step}
+                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()}
         self.accelerator.log({f"eval/{k}": v for k, v in means.items()}, step=step)
         if result.images is not None and self.accelerator.is_main_process:
             for tracker in self.accelerator.trackers:
@@ -343,11 +363,18 @@ class GRPOTrainer:
         final = self._log_eval(self.evaluate(keep_images=keep), self.iteration)
         policy_dir = os.path.join(cfg.output_dir, "policy")
         acc.wait_for_everyone()
+        if acc.is_main_process and cfg.keep_best:
+            self.policy.save_pretrained(os.path.join(cfg.output_dir, "policy_last"))
+        if cfg.keep_best and self.best_weights is not None:  # every process holds the same weights
+            self.policy.load_state_dict({k: v.to(self.device) for k, v in self.best_weights.items()})
+            if acc.is_main_process:
+                print(f"keep_best: exporting the policy of iteration {self.best['iteration']} (held-out "
+                      f"{self.best['score']:.4f}); the last one is in {os.path.join(cfg.output_dir, 'policy_last')}")
         if acc.is_main_process:
             self.policy.save_pretrained(policy_dir)
             with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
                 json.dump({"iterations": self.iteration, "initial_eval": self.initial_eval, "final_eval": final,
-                           "config": cfg.to_dict()}, f, indent=2)
+                           "best": self.best if cfg.keep_best else None, "config": cfg.to_dict()}, f, indent=2)
         acc.wait_for_everyone()
         acc.end_training()
         return TrainResult(cfg.output_dir, policy_dir, self.log_dir, self.iteration, self.history,
