@@ -27,6 +27,20 @@ def test_group_advantages_hand():
         group_advantages(torch.zeros(6), group_size=4)
 
 
+def test_group_advantages_batch_scale_hand():
+    r = torch.tensor([1.0, 3.0, 10.0, 10.0, 0.0, 6.0])
+    adv = group_advantages(r, group_size=2, eps=1e-12, scale="batch")
+    # centred: (-1, 1), (0, 0), (-3, 3); one std over all six: sqrt((1 + 1 + 9 + 9) / 6)
+    std = math.sqrt(20 / 6)
+    assert torch.allclose(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, -3.0, 3.0]) / std, atol=1e-6)
+    # the group that differs more now weighs more; per-group scaling made them equal
+    assert adv[5] / adv[1] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(r, group_size=2, scale="prompt")
+    with pytest.raises(GRPOConfigError, match="advantage_scale"):
+        GRPOConfig(advantage_scale="prompt")
+
+
 def test_ppo_clip_loss_hand():
     new = torch.tensor([math.log(1.5), math.log(0.5), math.log(1.1)])
     old = torch.zeros(3)

@@ -19,6 +19,7 @@ class GRPOConfigError(ValueError):
 
 RATIO_MODES = ("trajectory", "step")
 GROUP_NOISE = ("distinct", "shared")
+ADVANTAGE_SCALES = ("group", "batch")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -61,7 +62,10 @@ class GRPOConfig:
         "help": "'trajectory': one ratio of summed step log-probs per sample (Eq. 14-15); 'step': a ratio per step."})
     kl_coef: float = field(default=0.0, metadata={
         "help": "Weight of KL(policy || frozen initial policy) per decision; 0 disables it."})
-    adv_eps: float = field(default=1e-4, metadata={"help": "eps in (R - mean_group) / (std_group + eps)."})
+    adv_eps: float = field(default=1e-4, metadata={"help": "eps in (R - mean_group) / (std + eps)."})
+    advantage_scale: str = field(default="group", metadata={
+        "help": "'group': divide by each group's std (GRPO, AsyncDiff); 'batch': by one std of the batch's "
+                "group-centred rewards, so groups weigh by how much their rewards differ."})
     # --- bookkeeping --------------------------------------------------------------------------
     eval_every: int = field(default=0, metadata={"help": "Evaluate on held-out prompts every N iterations; 0 = only at the end."})
     eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts used per evaluation (deterministic actions)."})
@@ -90,6 +94,8 @@ class GRPOConfig:
         need(self.ratio in RATIO_MODES, f"ratio must be one of {RATIO_MODES}, got {self.ratio!r}")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         need(self.group_noise in GROUP_NOISE, f"group_noise must be one of {GROUP_NOISE}, got {self.group_noise!r}")
+        need(self.advantage_scale in ADVANTAGE_SCALES,
+             f"advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}")
         for name in ("learning_rate", "clip_eps", "adv_eps"):
             v = float(getattr(self, name))
             need(math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v}")

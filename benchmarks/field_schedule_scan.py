@@ -1,0 +1,145 @@
+"""How good is the best *prompt-independent* action of the field policy? A scan on fixed per-step tables.
+
+    python benchmarks/field_schedule_scan.py                                   # val: the scan
+    python benchmarks/field_schedule_scan.py --prompts testbed:test --seed 1000 --noise-sets 8 \\
+        --points '[[[0.3, 0.6], [0.6, 0.6], [0, 0]]]'                          # test: chosen points only
+
+The default learned policy (``recipes/grpo_flux.py``: the field policy with one grid move and one
+conditioning shift per sample and step) can read the state, but it may also just learn one schedule
+for every prompt. This benchmark measures what such a fixed schedule can reach in the very same
+action space, so a learned policy's gain can be split into "found a good schedule" and "adapts to
+the prompt and noise". A point is a table ``[[grid_d, cond_d] for each step]`` of the values
+``d = 2u - 1`` of :mod:`policies.field` (0 everywhere = the synchronous sampler; the grid move of
+the last step is ignored). Every point acts through :meth:`policies.field.FieldPolicy.fields`, so
+the constraints and maps are the policy's own.
+
+The scan has two stages, at K steps: every combination of ``--grid-values`` for the grid moves of
+steps 0..K-2 (conditioning off), then every combination of ``--cond-values`` for the conditioning
+shifts of all K steps at the best grid of stage one. Scores are paired with the synchronous sampler
+on the same prompts and noises (:mod:`tpm.grpo.evaluation`) and differences are paired bootstraps
+over prompts, 95 %. Make the scan on val; score chosen points on test with ``--points``.
+Prints JSON and writes ``scan.json`` and ``scan.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+
+def fixed_field_policy(base, table: list[list[float]]):
+    """A copy of field policy ``base`` whose Betas have their mode at ``table[k] = [grid_d, cond_d]`` at step k."""
+    from policies.field import FieldPolicy
+    from tpm.distributions import BetaActions, mode_concentration
+
+    steps = len(table)
+
+    class FixedTable(FieldPolicy):
+        def distribution(self, inputs):
+            b = inputs["temporal"].shape[0]
+            k = int(round(float(inputs["temporal"][0, 0]) * steps))
+            (grid_d, cond_d), active = table[k], inputs["active"]
+            alpha, beta, flags = {}, {}, {}
+            for part, d, shape, col in (("grid", grid_d, (b,), 0), ("cond", cond_d, (b, 1), 2)):
+                mode = torch.full(shape, (float(d) + 1) / 2)
+                alpha[part], beta[part] = mode_concentration(mode, self.config.concentration)
+                flags[part] = active[:, col]
+            return BetaActions(alpha, beta, flags)
+
+    return FixedTable(base.config)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import rewards
+    from policies.field import FieldPolicy
+    from tpm.backbones import get_backbone
+    from tpm.comparison.stats import paired_bootstrap
+    from tpm.grpo import evaluate, training_reward
+    from tpm.loading import load_model, load_prompts
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="testbed:flux")
+    ap.add_argument("--prompts", default="testbed:val")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0, help="first evaluation noise set")
+    ap.add_argument("--noise-sets", type=int, default=2, help="noise sets seed .. seed + n - 1 per prompt")
+    ap.add_argument("--grid-values", default="-0.6,-0.3,0,0.3,0.6,0.9")
+    ap.add_argument("--cond-values", default="-0.6,-0.3,0,0.3,0.6")
+    ap.add_argument("--points", help="JSON list of tables [[grid_d, cond_d], ...] to score instead of the scan")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="outputs/field_schedule_scan")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = load_model(args.model)
+    prompts = load_prompts(args.prompts)
+    verifier = rewards.load("testbed")
+    reward = training_reward(lambda images, p: verifier.raw_scores(images, p))
+    backbone = get_backbone(pipe)
+    kwargs = backbone.sample_kwargs()
+    grid = backbone.grid(*backbone.resolve_size(None, None))
+    # one decision group per sample (a fixed table gives every token the same values anyway)
+    base = FieldPolicy.for_pipeline(pipe, patch=math.gcd(*grid), token_offsets=False, learn_cond=True)
+    k_steps = args.steps
+    t0 = time.time()
+
+    def scores(policy) -> np.ndarray:
+        return evaluate(pipe, policy, prompts, reward, seed=args.seed, noise_sets=args.noise_sets,
+                        num_inference_steps=k_steps, rollout_batch_size=args.batch_size, sample_kwargs=kwargs).total
+
+    sync = scores(None)
+    rows: list[dict] = []
+
+    def score(table: list[list[float]], stage: str) -> dict:
+        if len(table) != k_steps:
+            raise SystemExit(f"a point needs {k_steps} rows [grid_d, cond_d], got {table}")
+        sc = scores(fixed_field_policy(base, table))
+        d = paired_bootstrap(sc, sync, num_resamples=4000)
+        row = {"stage": stage, "table": table, "mean": round(float(sc.mean()), 4),
+               "minus_synchronous": [round(d.estimate, 4), round(d.low, 4), round(d.high, 4)]}
+        rows.append(row)
+        return row
+
+    if args.points:
+        for table in json.loads(args.points):
+            score(table, "points")
+    else:
+        values = [float(v) for v in args.grid_values.split(",")]
+        for moves in itertools.product(values, repeat=k_steps - 1):
+            score([[m, 0.0] for m in moves] + [[0.0, 0.0]], "grid")
+        best = max((r for r in rows if r["stage"] == "grid"), key=lambda r: r["mean"])["table"]
+        conds = [float(v) for v in args.cond_values.split(",")]
+        for shifts in itertools.product(conds, repeat=k_steps):
+            score([[row[0], c] for row, c in zip(best, shifts)], "cond")
+    report = {"model": args.model, "prompts": args.prompts, "n_prompts": len(prompts), "steps": k_steps,
+              "noise_sets": list(range(args.seed, args.seed + args.noise_sets)),
+              "synchronous": round(float(sync.mean()), 4), "best": max(rows, key=lambda r: r["mean"]),
+              "points": rows, "seconds": round(time.time() - t0, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "scan.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(args.out, "scan.md"), "w") as f:
+        f.write(markdown(report))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def markdown(report: dict, top: int = 10) -> str:
+    lines = [f"{report['prompts']}, {report['n_prompts']} prompts x noise sets {report['noise_sets']}, "
+             f"{report['steps']} steps, synchronous {report['synchronous']:.4f}", "",
+             "| table [grid_d, cond_d] per step | stage | score | minus synchronous [95 %] |", "|---|---|---|---|"]
+    for r in sorted(report["points"], key=lambda r: -r["mean"])[:top]:
+        d = r["minus_synchronous"]
+        lines.append(f"| {r['table']} | {r['stage']} | {r['mean']:.4f} | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
