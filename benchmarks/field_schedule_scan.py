@@ -27,11 +27,11 @@ import argparse
 import itertools
 import json
 import math
-import os
 import time
 
 import numpy as np
 import torch
+from verifier_bench import VerifierBench, paired_interval, write_report
 
 
 def fixed_field_policy(base, table: list[list[float]]):
@@ -57,12 +57,7 @@ def fixed_field_policy(base, table: list[list[float]]):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import rewards
     from policies.field import FieldPolicy
-    from tpm.backbones import get_backbone
-    from tpm.comparison.stats import paired_bootstrap
-    from tpm.grpo import evaluate, training_reward
-    from tpm.loading import load_model, load_prompts
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="testbed:flux")
@@ -77,22 +72,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="outputs/field_schedule_scan")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    pipe = load_model(args.model)
-    prompts = load_prompts(args.prompts)
-    verifier = rewards.load("testbed")
-    reward = training_reward(lambda images, p: verifier.raw_scores(images, p))
-    backbone = get_backbone(pipe)
-    kwargs = backbone.sample_kwargs()
-    grid = backbone.grid(*backbone.resolve_size(None, None))
+    bench = VerifierBench(args.model, args.prompts, threads=args.threads, batch_size=args.batch_size)
+    prompts, noise_sets = bench.prompts, range(args.seed, args.seed + args.noise_sets)
+    grid = bench.backbone.grid(*bench.backbone.resolve_size(None, None))
     # one decision group per sample (a fixed table gives every token the same values anyway)
-    base = FieldPolicy.for_pipeline(pipe, patch=math.gcd(*grid), token_offsets=False, learn_cond=True)
+    base = FieldPolicy.for_pipeline(bench.pipe, patch=math.gcd(*grid), token_offsets=False, learn_cond=True)
     k_steps = args.steps
     t0 = time.time()
 
     def scores(policy) -> np.ndarray:
-        return evaluate(pipe, policy, prompts, reward, seed=args.seed, noise_sets=args.noise_sets,
-                        num_inference_steps=k_steps, rollout_batch_size=args.batch_size, sample_kwargs=kwargs).total
+        return bench.scores(policy, k_steps, noise_sets)
 
     sync = scores(None)
     rows: list[dict] = []
@@ -101,9 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         if len(table) != k_steps:
             raise SystemExit(f"a point needs {k_steps} rows [grid_d, cond_d], got {table}")
         sc = scores(fixed_field_policy(base, table))
-        d = paired_bootstrap(sc, sync, num_resamples=4000)
         row = {"stage": stage, "table": table, "mean": round(float(sc.mean()), 4),
-               "minus_synchronous": [round(d.estimate, 4), round(d.low, 4), round(d.high, 4)]}
+               "minus_synchronous": paired_interval(sc, sync)}
         rows.append(row)
         return row
 
@@ -119,15 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
         for shifts in itertools.product(conds, repeat=k_steps):
             score([[row[0], c] for row, c in zip(best, shifts)], "cond")
     report = {"model": args.model, "prompts": args.prompts, "n_prompts": len(prompts), "steps": k_steps,
-              "noise_sets": list(range(args.seed, args.seed + args.noise_sets)),
+              "noise_sets": list(noise_sets),
               "synchronous": round(float(sync.mean()), 4), "best": max(rows, key=lambda r: r["mean"]),
               "points": rows, "seconds": round(time.time() - t0, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "scan.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "scan.md"), "w") as f:
-        f.write(markdown(report))
-    print(json.dumps(report, indent=2))
+    write_report(args.out, "scan", report, markdown(report))
     return report
 
 

@@ -22,12 +22,10 @@ Prints JSON and writes ``headroom.json`` and ``headroom.md`` (a table) to ``--ou
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import numpy as np
-import torch
+from verifier_bench import VerifierBench, paired_interval, write_report
 
 FAMILIES: dict[str, list[tuple[str, dict]]] = {
     "shifted_grid": [("shifted_grid", {"shift": s}) for s in (1.5, 2.0, 2.5, 3.0)],
@@ -46,11 +44,6 @@ def label(name: str, opts: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     import policies
-    import rewards
-    from tpm.backbones import get_backbone
-    from tpm.comparison.stats import paired_bootstrap
-    from tpm.grpo import evaluate, training_reward
-    from tpm.loading import load_model, load_prompts
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="testbed:flux")
@@ -62,23 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="outputs/headroom")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    pipe = load_model(args.model)
-    kwargs = get_backbone(pipe).sample_kwargs()
-    prompts = load_prompts(args.prompts)
-    verifier = rewards.load("testbed")
-    reward = training_reward(lambda images, p: verifier.raw_scores(images, p))
+    bench = VerifierBench(args.model, args.prompts, threads=args.threads, batch_size=args.batch_size)
+    prompts, noise_sets = bench.prompts, range(args.seeds)
     t0 = time.time()
 
     def scores(policy, steps: int) -> np.ndarray:  # (prompts,) mean over the noise sets
-        runs = [evaluate(pipe, policy, prompts, reward, seed=s, num_inference_steps=steps,
-                         rollout_batch_size=args.batch_size, sample_kwargs=kwargs).metrics["reward"]
-                for s in range(args.seeds)]
-        return np.mean(runs, axis=0)
-
-    def diff(a: np.ndarray, b: np.ndarray) -> list[float]:
-        d = paired_bootstrap(a, b, num_resamples=4000)
-        return [round(d.estimate, 4), round(d.low, 4), round(d.high, 4)]
+        return bench.scores(policy, steps, noise_sets)
 
     sync = {k: scores(None, k) for k in SYNC_STEPS}
     report: dict = {"model": args.model, "prompts": args.prompts, "n_prompts": len(prompts),
@@ -92,21 +74,16 @@ def main(argv: list[str] | None = None) -> dict:
             for name, opts in FAMILIES[fam]:
                 sc = scores(policies.load(name, **opts), k)
                 rows[label(name, opts)] = {"family": fam, "mean": round(float(sc.mean()), 4),
-                                           "minus_synchronous": diff(sc, base)}
+                                           "minus_synchronous": paired_interval(sc, base)}
         best = {}
         for fam in args.families.split(","):
             members = {n: r for n, r in rows.items() if r["family"] == fam}
             name = max(members, key=lambda n: members[n]["mean"])
             best[fam] = name
         report["families"][str(k)] = {"synchronous": round(float(base.mean()), 4),
-                                      "synchronous_20_minus": diff(top, base), "members": rows, "best": best}
+                                      "synchronous_20_minus": paired_interval(top, base), "members": rows, "best": best}
     report["seconds"] = round(time.time() - t0, 1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "headroom.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "headroom.md"), "w") as f:
-        f.write(markdown(report))
-    print(json.dumps(report, indent=2))
+    write_report(args.out, "headroom", report, markdown(report))
     return report
 
 

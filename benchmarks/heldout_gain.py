@@ -19,11 +19,9 @@ choice was made on. Prints JSON; ``--out`` also gets ``heldout.json`` and ``held
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import numpy as np
-import torch
+from verifier_bench import VerifierBench, paired_interval, write_report
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -46,11 +44,6 @@ def ratio_interval(num: np.ndarray, den: np.ndarray, resamples: int = 4000, seed
 
 def main(argv: list[str] | None = None) -> dict:
     import policies
-    import rewards
-    from tpm.backbones import get_backbone
-    from tpm.comparison.stats import paired_bootstrap
-    from tpm.grpo import evaluate, training_reward
-    from tpm.loading import load_model, load_prompts
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policies", required=True, help="comma-separated policy directories (or names)")
@@ -65,22 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    pipe = load_model(args.model)
-    kwargs = get_backbone(pipe).sample_kwargs()
-    prompts = load_prompts(args.prompts)
-    seeds = parse_seeds(args.seeds)
-    verifier = rewards.load("testbed")
-    reward = training_reward(lambda images, p: verifier.raw_scores(images, p))
+    bench = VerifierBench(args.model, args.prompts, threads=args.threads, batch_size=args.batch_size)
+    prompts, seeds = bench.prompts, parse_seeds(args.seeds)
 
     def scores(policy, steps: int) -> np.ndarray:
-        runs = [evaluate(pipe, policy, prompts, reward, seed=s, num_inference_steps=steps,
-                         rollout_batch_size=args.batch_size, sample_kwargs=kwargs).metrics["reward"] for s in seeds]
-        return np.mean(runs, axis=0)
-
-    def diff(a, b) -> list[float]:
-        d = paired_bootstrap(a, b, num_resamples=4000)
-        return [round(d.estimate, 4), round(d.low, 4), round(d.high, 4)]
+        return bench.scores(policy, steps, seeds)
 
     k = args.steps
     sync, ref = scores(None, k), scores(None, args.reference_steps)
@@ -89,25 +71,18 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"prompts": args.prompts, "n_prompts": len(prompts), "seeds": seeds, "steps": k,
               "synchronous": round(float(sync.mean()), 4),
               f"synchronous_{args.reference_steps}": round(float(ref.mean()), 4),
-              "gap": diff(ref, sync),
-              "baselines": {s: {"mean": round(float(v.mean()), 4), "minus_synchronous": diff(v, sync)}
+              "gap": paired_interval(ref, sync),
+              "baselines": {s: {"mean": round(float(v.mean()), 4), "minus_synchronous": paired_interval(v, sync)}
                             for s, v in base.items()},
               "best_fixed": best, "policies": {}}
     for spec in filter(None, args.policies.split(",")):
         sc = scores(policies.load(spec), k)
-        row = {"mean": round(float(sc.mean()), 4), "minus_synchronous": diff(sc, sync),
+        row = {"mean": round(float(sc.mean()), 4), "minus_synchronous": paired_interval(sc, sync),
                "gap_closed": ratio_interval(sc - sync, ref - sync)}
         if best is not None:
-            row["minus_best_fixed"] = diff(sc, base[best])
+            row["minus_best_fixed"] = paired_interval(sc, base[best])
         report["policies"][spec] = row
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "heldout.json"), "w") as f:
-            f.write(text)
-        with open(os.path.join(args.out, "heldout.md"), "w") as f:
-            f.write(markdown(report, args.reference_steps))
+    write_report(args.out, "heldout", report, markdown(report, args.reference_steps))
     return report
 
 
