@@ -18,6 +18,7 @@ bench:
     python benchmarks/bench_sampler.py
     python benchmarks/bench_rewards.py
     python benchmarks/bench_grpo.py
+    python benchmarks/reward_server_load.py
 
 lint:
     ruff check tpm policies rewards recipes tests benchmarks

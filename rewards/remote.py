@@ -1,115 +1,143 @@
-"""Client side of the remote reward: the reward contract answered by ``rewards.server``.
+"""Client side of the remote reward: the reward contract answered by a reward server.
 
 ``rewards.load("remote", url="http://127.0.0.1:8765")`` behaves like any reward: images + prompts
--> (N,) scores, batched (one request per ``batch_size`` images). Images travel as safetensors
-(lossless float32, the default) or PNG (8-bit), scores as JSON. Connection failures and timeouts
-are retried with exponential backoff; after the last try one :class:`RewardError` says which
-server did not answer and how to start it. Errors reported by the server (bad input, missing
-weights) are raised at once with the server's message.
+-> (N,) scores, batched (one request per ``batch_size`` images, split further to fit the limits
+the server announces on ``/health``). Two protocols (formats in ``rewards.wire``):
+
+- ``protocol="tpm"`` (default): ``tpm reward-serve``; images travel as safetensors (lossless
+  float32, the default) or PNG (8-bit);
+- ``protocol="flow_factory"``: a reward server written to Flow-Factory's ``reward_server/``
+  template (``POST /compute``, base64 PNGs, ``{"rewards": [...]}``); ``tpm reward-serve`` speaks
+  it too. ``extra={...}`` is sent as the request's ``extra`` field, which such servers pass to
+  their ``compute_reward`` as keyword arguments.
+
+Connection failures, timeouts and 503 (server busy) are retried with exponential backoff; after
+the last try one :class:`RewardError` says which server did not answer and how to start it.
+Errors reported by the server (bad input, missing weights, 401, 413) are raised at once with the
+server's message. ``token`` (default: the ``TPM_REWARD_TOKEN`` environment variable) is sent as
+``Authorization: Bearer TOKEN``.
 """
 
 from __future__ import annotations
 
-import base64
-import io
+import os
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
 from rewards.base import RewardError, RewardModel, register_reward
+from rewards.wire import ENCODINGS, PROTOCOLS, SCORE_PATH, encode_images, encoded_bytes_per_image
 
 DEFAULT_PORT = 8765
-
-
-# -- wire format (shared with rewards.server) ---------------------------------------------------------
-def encode_images(pixels: torch.Tensor, encoding: str = "safetensors") -> str | list[str]:
-    """(N, 3, H, W) float in [0, 1] -> JSON-safe payload (base64 safetensors, or base64 PNGs)."""
-    if encoding == "safetensors":
-        from safetensors.torch import save
-
-        return base64.b64encode(save({"pixels": pixels.float().contiguous()})).decode("ascii")
-    if encoding == "png":
-        out = []
-        for img in pixels:
-            arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG")
-            out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-        return out
-    raise RewardError(f"unknown image encoding {encoding!r}; use 'safetensors' or 'png'")
-
-
-def decode_images(payload, encoding: str) -> torch.Tensor | list[Image.Image]:
-    if encoding == "safetensors":
-        from safetensors.torch import load as st_load
-
-        tensors = st_load(base64.b64decode(payload))
-        if set(tensors) != {"pixels"}:
-            raise RewardError(f"safetensors payload must hold one tensor 'pixels', got {sorted(tensors)}")
-        return tensors["pixels"]
-    if encoding == "png":
-        return [Image.open(io.BytesIO(base64.b64decode(s))).convert("RGB") for s in payload]
-    raise RewardError(f"unknown image encoding {encoding!r}; use 'safetensors' or 'png'")
-
-
-def scores_to_json(scores: torch.Tensor) -> list[float | None]:
-    return [float(s) if torch.isfinite(s) else None for s in scores]
+TOKEN_ENV = "TPM_REWARD_TOKEN"
+_HEADROOM = 4096  # bytes of JSON and prompts around the images in one request
 
 
 @register_reward("remote")
 class RemoteReward(RewardModel):
-    """``url``: server base URL; ``timeout``: seconds per request; ``retries``: tries per request;
-    ``backoff``: first wait between tries in seconds (doubles each time); ``encoding``:
-    "safetensors" (exact) or "png" (8-bit)."""
+    """``url``: server base URL; ``protocol``: "tpm" or "flow_factory"; ``timeout``: seconds per
+    request; ``retries``: tries per request; ``backoff``: first wait between tries in seconds
+    (doubles each time); ``encoding``: "safetensors" (exact; tpm only) or "png" (8-bit; the
+    default for flow_factory); ``token``: shared secret; ``extra``: flow_factory ``extra`` field."""
 
     def __init__(self, url: str = f"http://127.0.0.1:{DEFAULT_PORT}", timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 0.5, encoding: str = "safetensors", **kwargs):
+                 backoff: float = 0.5, encoding: str | None = None, protocol: str = "tpm",
+                 token: str | None = None, extra: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         if retries < 1:
             raise RewardError(f"retries must be >= 1, got {retries}")
-        if encoding not in ("safetensors", "png"):
+        if protocol not in PROTOCOLS:
+            raise RewardError(f"unknown reward-server protocol {protocol!r}; use one of {list(PROTOCOLS)}")
+        encoding = encoding or ("safetensors" if protocol == "tpm" else "png")
+        if encoding not in ENCODINGS:
             raise RewardError(f"unknown image encoding {encoding!r}; use 'safetensors' or 'png'")
+        if protocol == "flow_factory" and encoding != "png":
+            raise RewardError("Flow-Factory's reward-server protocol carries PNG images only; use encoding='png'")
+        if extra is not None and (protocol != "flow_factory" or not isinstance(extra, dict)):
+            raise RewardError("extra= is a dict sent with protocol='flow_factory' only")
         self.url = url.rstrip("/")
+        self.protocol = protocol
         self.timeout = float(timeout)
         self.retries = retries
         self.backoff = float(backoff)
         self.encoding = encoding
+        self.extra = extra
+        self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         self.server_reward: str | None = None
+        self.limits: dict = {}
 
     def _request(self, method: str, path: str, **kwargs) -> dict:
         import requests
 
-        last: Exception | None = None
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        last = "no answer"
         for attempt in range(self.retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                r = requests.request(method, self.url + path, timeout=self.timeout, **kwargs)
+                r = requests.request(method, self.url + path, timeout=self.timeout, headers=headers, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as e:
-                last = e
+                last = type(e).__name__
                 continue
             try:
                 body = r.json()
             except ValueError:
                 raise RewardError(f"reward server {self.url} answered {r.status_code} with non-JSON "
-                                  f"{r.text[:200]!r}; is it a tpm reward server?") from None
+                                  f"{r.text[:200]!r}; is it a reward server speaking protocol {self.protocol!r}?"
+                                  ) from None
+            message = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body
+            if r.status_code == 503:  # busy: worth another try
+                last = f"503 {message}"
+                continue
+            if r.status_code == 401:
+                raise RewardError(f"reward server {self.url} refused the request (401): {message}. Pass token= "
+                                  f"or set {TOKEN_ENV} to the server's token")
             if r.status_code != 200:
-                raise RewardError(f"reward server {self.url}: {body.get('error', body)}")
+                raise RewardError(f"reward server {self.url} ({r.status_code}): {message}")
             return body
         raise RewardError(
             f"reward server {self.url} did not answer {method} {path} after {self.retries} tries "
-            f"(timeout {self.timeout:g} s; last error: {type(last).__name__}). Start it with "
+            f"(timeout {self.timeout:g} s; last error: {last}). Start it with "
             f"`tpm reward-serve NAME --port {self.url.rsplit(':', 1)[-1]}` or pass url= of a running server"
         )
 
     def _load(self) -> None:
-        self.server_reward = self._request("GET", "/health").get("reward")
+        health = self._request("GET", "/health")
+        self.server_reward = health.get("reward") if isinstance(health, dict) else None
+        limits = health.get("limits") if isinstance(health, dict) else None
+        self.limits = limits if isinstance(limits, dict) else {}
+
+    def _request_size(self, n: int, height: int, width: int) -> int:
+        """Images per request that fit the server's announced limits (all of them if none)."""
+        step = n
+        lim = self.limits
+        if "max_images" in lim:
+            step = min(step, int(lim["max_images"]))
+        if "max_request_pixels" in lim:
+            step = min(step, int(lim["max_request_pixels"]) // max(height * width, 1))
+        if "max_request_bytes" in lim:
+            per = encoded_bytes_per_image(height, width, self.encoding)
+            step = min(step, (int(lim["max_request_bytes"]) - _HEADROOM) // per)
+        return max(step, 1)  # one image over a limit: the server's 400 names the limit
 
     def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        body = {"prompts": prompts, "encoding": self.encoding, "images": encode_images(pixels, self.encoding)}
-        scores = self._request("POST", "/score", json=body)["scores"]
-        if len(scores) != len(prompts):
-            raise RewardError(f"reward server {self.url} returned {len(scores)} scores for {len(prompts)} images")
-        return torch.tensor([float("nan") if s is None else s for s in scores], dtype=torch.float32)
+        step = self._request_size(len(prompts), pixels.shape[-2], pixels.shape[-1])
+        out = []
+        for s in range(0, len(prompts), step):
+            out += self._post(pixels[s:s + step], prompts[s:s + step])
+        return torch.tensor([float("nan") if v is None else v for v in out], dtype=torch.float32)
+
+    def _post(self, pixels: torch.Tensor, prompts: list[str]) -> list:
+        images = encode_images(pixels, self.encoding)
+        if self.protocol == "tpm":
+            body, key = {"prompts": prompts, "encoding": self.encoding, "images": images}, "scores"
+        else:
+            body, key = {"prompts": prompts, "images": images}, "rewards"
+            if self.extra:
+                body["extra"] = self.extra
+        answer = self._request("POST", SCORE_PATH[self.protocol], json=body)
+        scores = answer.get(key) if isinstance(answer, dict) else None
+        if not isinstance(scores, list) or len(scores) != len(prompts):
+            got = f"{len(scores)} scores" if isinstance(scores, list) else f"no {key!r} list"
+            raise RewardError(f"reward server {self.url} returned {got} for {len(prompts)} images")
+        return scores

@@ -256,10 +256,12 @@ def _inpaint_policy(pipe, image_path: str, mask_path: str, height: int | None, w
     return inpaint_policy(pipe, image, mask), h, w
 
 
-def cmd_reward_serve(args, rest) -> int:
+def cmd_reward_serve(argv: list[str]) -> int:
+    """``tpm reward-serve ...``: parsed by ``rewards.server``'s own parser, so ``--help`` lists every
+    option and the options live next to the server they configure."""
     from rewards import server
 
-    return server.main([args.name, *rest]) or 0
+    return server.main(argv) or 0
 
 
 def _int_list(text: str) -> list[int]:
@@ -333,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.add_argument("--out", default="outputs/compare")
     c.add_argument("--overwrite", action="store_true", help="discard the cache in --out instead of resuming")
-    r = sub.add_parser("reward-serve", help="serve a reward model over loopback HTTP")
-    r.add_argument("name")
+    # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
+    sub.add_parser("reward-serve", add_help=False,
+                   help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
     return p
 
 
@@ -342,13 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; a user error (every error class of tpm, policies and rewards is a ValueError)
     becomes ``error: <message>`` on stderr and exit status 1."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["reward-serve"]:
+        return cmd_reward_serve(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "reward-serve" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if args.command == "reward-serve":
-            return cmd_reward_serve(args, rest)
         if args.command == "compare":
             return cmd_compare(args)
         return cmd_sample(args)

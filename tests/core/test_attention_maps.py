@@ -255,7 +255,10 @@ def test_reference_run_is_the_synchronous_run_from_the_same_noise(sd3_pipe):
     capture = CaptureLayers([0, 1])
     sync = tpm.sample(sd3_pipe, prompts, policy=capture, generator=torch.Generator().manual_seed(0),
                       return_trajectory=True, **kwargs)
-    assert torch.equal(out.images, sync.images)  # the reference run leaves the real run untouched
+    # The reference run leaves the real run untouched. The capturing run computes its attention
+    # through the log-sum-exp kernel, the other through the stock one: equal up to float rounding
+    # (bitwise on CPU builds where both dispatch to the same kernel, not on every build).
+    assert (out.images - sync.images).abs().max() <= 1e-5
     ref, traj = policy.reference, sync.trajectory
     assert ref.num_steps == 3
     for a, b in zip(ref.latents, traj.latents):

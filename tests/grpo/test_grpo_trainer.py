@@ -129,9 +129,11 @@ def test_group_noise(flux_pipe, tmp_path, mode):
                                 eval_prompts=0, progress=False, group_noise=mode),
                      small_tpm(flux_pipe, gamma=0.0), flux_pipe, brightness, PROMPTS)
     images = tr.rollout_iteration(0).images
-    same = [torch.equal(images[0], images[1]), torch.equal(images[2], images[3])]
-    assert same == ([True, True] if mode == "shared" else [False, False])
-    assert not torch.equal(images[0], images[2])  # groups never share a noise
+    # Rows of one batched forward: identical inputs at different rows may still differ in the last
+    # bits (BLAS kernels can treat tail rows differently), so "same" is 1e-5, "different" is 1e-3.
+    gaps = [(images[0] - images[1]).abs().max(), (images[2] - images[3]).abs().max()]
+    assert all(g <= 1e-5 for g in gaps) if mode == "shared" else all(g > 1e-3 for g in gaps)
+    assert (images[0] - images[2]).abs().max() > 1e-3  # groups never share a noise
 
 
 def test_keep_best_exports_the_best_evaluation(flux_pipe, tmp_path):
