@@ -183,7 +183,9 @@ def decode_encoded_images(payload, limits: Limits) -> list[Image.Image]:
         data = _b64(item, f"image {i}")
         try:
             im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
-        except (OSError, Image.DecompressionBombError):
+        except Image.DecompressionBombError as e:  # only reachable with --max-image-pixels above Pillow's own cap
+            raise RewardError(f"image {i}: {e}") from None
+        except OSError:
             raise RewardError(f"could not decode image {i}: not a PNG, JPEG or WebP file") from None
         w, h = im.size
         _check_size(i, h, w, limits)

@@ -134,6 +134,10 @@ def test_server_errors_reach_the_client(clip_server, images, prompts):
     r = requests.post(url + "/score", json={"prompts": ["a"], "encoding": "safetensors", "images": "bm90IHN0"},
                       timeout=5)
     assert r.status_code == 400 and "not a safetensors file" in r.json()["error"]
+    r = requests.post(url + "/score", json={"prompts": ["a"], "encoding": "png", "images": ["bm90IHN0"]}, timeout=5)
+    assert r.status_code == 400 and "image 0: not a PNG, JPEG or WebP file" in r.json()["error"]
+    r = requests.post(url + "/score", json={"prompts": ["a"], "encoding": "png", "images": ["%%%"]}, timeout=5)
+    assert r.status_code == 400 and "image 0 is not valid base64" in r.json()["error"]
     assert requests.get(url + "/nope", timeout=5).status_code == 404
     assert requests.post(url + "/nope", json={}, timeout=5).status_code == 404
     with pytest.raises(RewardError, match="5 images but 4 prompts"):
