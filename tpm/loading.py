@@ -281,7 +281,23 @@ def _load_one(pipe, source: str, name: str) -> None:
                                       adapter_name=name)
     if _missing_path(source) or source.endswith(".safetensors"):
         raise _lora_error(source, "does not exist")
+    folder = _hub_peft_folder(source)
+    if folder is not None:
+        return _load_peft_folder(pipe, folder, name)
     return pipe.load_lora_weights(source, adapter_name=name)  # a hub id, through the HF cache
+
+
+def _hub_peft_folder(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub repo saved by ``PeftModel.save_pretrained`` (None if the repo
+    has no ``adapter_config.json`` or cannot be reached: diffusers' loader then reports the problem)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config = hf_hub_download(repo_id, "adapter_config.json")
+        hf_hub_download(repo_id, "adapter_model.safetensors")
+    except Exception:  # not a peft repo, or offline without it cached
+        return None
+    return os.path.dirname(config)
 
 
 def _adapters(pipe) -> set[str]:

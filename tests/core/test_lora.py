@@ -198,3 +198,37 @@ def test_load_lora_on_a_pipeline_object(saved):
     assert load_lora(pipe, None) is pipe
     want = _run(load_model(SPEC[name], lora=paths["peft"]), sampler=False)
     assert (_run(load_lora(pipe, paths["peft"]), sampler=True) - want).abs().max() <= TOL
+
+
+def test_hub_id_of_a_peft_repo(saved, monkeypatch):
+    """A hub id whose repo holds a PeftModel.save_pretrained folder (how Flow-GRPO LoRAs are published)
+    is read through the HF cache and loaded as that folder."""
+    import os
+
+    import huggingface_hub
+
+    name, paths = saved
+    asked = []
+
+    def fake_download(repo_id, filename, **kw):  # the HF cache, holding the repo's snapshot
+        asked.append((repo_id, filename))
+        path = os.path.join(paths["peft"], filename)
+        if not os.path.isfile(path):
+            raise huggingface_hub.errors.EntryNotFoundError(filename)
+        return path
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    got = _run(load_model(SPEC[name], lora="someone/flow-grpo-lora:0.5"), sampler=False)
+    want = _run(load_model(SPEC[name], lora=f"{paths['peft']}:0.5"), sampler=False)
+    assert (got - want).abs().max() <= TOL
+    assert ("someone/flow-grpo-lora", "adapter_config.json") in asked
+
+
+def test_uncached_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(LoadError, match=r"LoRA 'nobody/no-such-lora': could not be loaded .*HF cache"):
+        load_model("tiny:flux", lora="nobody/no-such-lora")
