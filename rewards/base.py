@@ -7,8 +7,8 @@ Heavy models load lazily on first call, on the device and dtype given at constru
 score in internal batches of ``batch_size``. Names map to classes in an explicit registry:
 ``rewards.load("hpsv2", **options)``.
 
-Also here: tensor preprocessing shared by the scorers (``resize_center_crop``, ``normalize``; on
-tensors so a batch is scored exactly as its images one by one) and weight resolution
+Also here: preprocessing shared by the scorers (8-bit images through the official transforms:
+``to_pil_images``, ``per_image``, ``clip_eval_transform``; ``normalize``) and weight resolution
 (``resolve_file``, ``hub_error``) that turns every missing-file case into one :class:`RewardError`
 naming the file and what to do.
 """
@@ -161,25 +161,45 @@ def check_finite(scores: torch.Tensor, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared helpers for scorers: tensor preprocessing (exact under batching, unlike per-image PIL
-# transforms) and weight resolution with one clear error when a file is missing.
+# Shared helpers for scorers: the official preprocessing on 8-bit images, and weight resolution
+# with one clear error when a file is missing.
+#
+# Every official scorer takes PIL images, i.e. 8-bit pixels, and resamples them with PIL (open_clip,
+# ImageReward), with torchvision on uint8 tensors (transformers' CLIP processor) or on the 8-bit
+# image converted to float (HPSv2). PIL's bicubic (a = -0.5, 8-bit intermediate rounding between its
+# two passes) differs from torch's float bicubic by up to 30/255 on upsampling, so no float kernel
+# reproduces it; we round to 8 bits once and then run the official transform itself on each image,
+# which makes every scorer's input tensor the official one for the same 8-bit image (tests check this
+# at 1e-5) and keeps a batch scored exactly as its images one by one.
 
 
-def resize_center_crop(pixels: torch.Tensor, size: int, crop: int | None = None) -> torch.Tensor:
-    """Bicubic resize of the shorter side to ``size`` (antialiased), then a central ``crop`` square
-    (default ``size``).
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] -> uint8 in [0, 255], rounded as ``PIL.Image.fromarray`` input would be."""
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
 
-    The tensor version of the CLIP-family eval transform (Resize(size) + CenterCrop(crop));
-    clamped to [0, 1] as the PIL route would be after 8-bit conversion.
-    """
-    from torchvision.transforms.v2 import functional as TF
 
-    crop = crop or size
-    if min(pixels.shape[-2:]) != size:
-        pixels = TF.resize(pixels, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    if tuple(pixels.shape[-2:]) != (crop, crop):
-        pixels = TF.center_crop(pixels, [crop, crop])
-    return pixels.clamp(0, 1)
+def to_pil_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) float pixels in [0, 1] -> N RGB PIL images (8-bit)."""
+    arr = to_uint8(pixels.cpu()).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def per_image(pixels: torch.Tensor, transform) -> torch.Tensor:
+    """Apply a PIL-image transform (an official preprocessing callable) to each image and stack."""
+    return torch.stack([transform(im) for im in to_pil_images(pixels)])
+
+
+def clip_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]):
+    """The CLIP eval transform on PIL images: bicubic resize of the short side to ``size``, central
+    ``size`` square, to tensor, per-channel normalisation (OpenAI CLIP's and ImageReward's definition)."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
 
 
 def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

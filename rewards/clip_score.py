@@ -8,9 +8,9 @@ The model is any open_clip model name with any checkpoint open_clip accepts for 
 a pretrained tag (downloaded through the hub cache), an ``hf-hub:`` id or a local file. Tests inject
 a model built from config with ``model=`` (plus ``tokenizer=``).
 
-Preprocessing is open_clip's eval transform (bicubic resize of the short side, centre crop,
-normalisation with the model's own mean/std), done on tensors so a batch is scored exactly as its
-images one by one.
+Preprocessing is open_clip's own eval transform (``open_clip.image_transform`` with the model's
+preprocess configuration: resize mode, interpolation, size, mean/std), applied to each image as an
+8-bit PIL image, exactly as ``open_clip.create_model_and_transforms`` preprocesses for evaluation.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from rewards.base import RewardError, RewardModel, normalize, register_reward, resize_center_crop
+from rewards.base import RewardError, RewardModel, per_image, register_reward
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,15 +60,20 @@ class OpenCLIPReward(RewardModel):
         if self.tokenizer is None:
             self.tokenizer = open_clip.get_tokenizer(self.model_name)
         self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
-        cfg = getattr(self.model.visual, "preprocess_cfg", None) or {}
+        cfg = dict(getattr(self.model.visual, "preprocess_cfg", None) or {})
         size = self._image_size or cfg.get("size") or self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean = self._mean or tuple(cfg.get("mean", OPENAI_MEAN))
         self.std = self._std or tuple(cfg.get("std", OPENAI_STD))
+        self.transform = open_clip.image_transform(
+            self._image_size or cfg.get("size") or self.image_size, is_train=False, mean=self.mean, std=self.std,
+            resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
+            fill_color=cfg.get("fill_color", 0))
 
     # -- scoring -----------------------------------------------------------------------------------
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        return normalize(resize_center_crop(pixels, self.image_size), self.mean, self.std)
+        """Pixels (n, 3, H, W) in [0, 1] -> the model's input, as open_clip's eval transform makes it."""
+        return per_image(pixels, self.transform)
 
     def embed(self, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float32 image and text embeddings, (n, d) each."""

@@ -3,22 +3,27 @@
 HPSv2 is a fine-tune of open_clip's ViT-H-14; its score is the cosine between the normalised image
 and prompt embeddings (what ``hpsv2.score`` returns as the diagonal of ``image @ text.T``).
 
-Why not call the ``hpsv2`` package: its 1.2.0 wheel ships an open_clip fork without the BPE
-vocabulary file, so ``import hpsv2`` fails with a missing-file error; and even where it imports, ``hpsv2.score``
-re-reads the checkpoint on every call and scores one image at a time. The fork's model is
+Why not call the ``hpsv2`` package (installable as ``hpsv2x``, the ``hpsv2`` extra): ``hpsv2.score``
+builds the model with hub-downloaded laion weights before loading the HPS checkpoint, re-reads the
+checkpoint on every call and scores one image with one prompt at a time; and its 1.2.0 release under
+the ``hpsv2`` name cannot be imported (its open_clip fork lacks the BPE vocabulary). The fork's model is
 architecturally open_clip's ViT-H-14, so we build that with the real open_clip once, load the
 official checkpoint (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` from hub repo
 ``xswu/HPSv2``, weights under key ``state_dict``) with ``torch.load(weights_only=True)`` and score
-in batches. Preprocessing follows the package's eval transform: bicubic resize of the longer side
-to 224, zero padding to a centred square, CLIP normalisation; done on tensors so batching is exact.
+in batches; tests check scores against ``hpsv2``'s own scoring code on a checkpoint in this format.
+
+Preprocessing is the package's eval transform (``image_transform(..., resize_longest_max=True)``):
+the 8-bit image to float, torchvision bicubic antialiased resize of the longer side to 224 (on the
+float tensor, unclamped, as the package does), zero padding to a centred square, CLIP normalisation.
+We do the same steps on the batch tensor (same kernels, so a batch equals its images one by one).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rewards.base import RewardError, normalize, register_reward, resolve_file
-from rewards.clip_score import OpenCLIPReward
+from rewards.base import RewardError, normalize, register_reward, resolve_file, to_uint8
+from rewards.clip_score import OPENAI_MEAN, OPENAI_STD, OpenCLIPReward
 
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HPS_REPO = "xswu/HPSv2"
@@ -27,17 +32,21 @@ HPS_REPO = "xswu/HPSv2"
 def resize_longest_pad(pixels: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
     """Resize so the longer side is ``size`` (bicubic, antialiased), then pad to a centred square.
 
-    Padding puts ``pad // 2`` before and the rest after, as the HPSv2 eval transform does.
+    The HPSv2 package's ``ResizeMaxSize``: new sides ``round(side * size / longest)``, padding
+    ``pad // 2`` before and the rest after, no clamping of the bicubic overshoot. (The package skips the
+    padding when the longer side already equals ``size``, which leaves a non-square input its ViT
+    rejects; we pad then too.)
     """
     from torchvision.transforms.v2 import functional as TF
 
     h, w = pixels.shape[-2:]
     scale = size / max(h, w)
+    nh, nw = h, w
     if scale != 1.0:
         nh, nw = round(h * scale), round(w * scale)
         pixels = TF.resize(pixels, [nh, nw], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        pixels = pixels.clamp(0, 1)
-        ph, pw = size - nh, size - nw
+    ph, pw = size - nh, size - nw
+    if ph or pw:
         pixels = torch.nn.functional.pad(pixels, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=fill)
     return pixels
 
@@ -87,7 +96,10 @@ class HPSv2(OpenCLIPReward):
         return model
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        return normalize(resize_longest_pad(pixels, self.image_size), self.mean, self.std)
+        """Pixels (n, 3, H, W) in [0, 1] -> the model's input, as the hpsv2 package's eval transform makes it
+        from the 8-bit image (its mean/std are OpenAI CLIP's unless overridden)."""
+        x = to_uint8(pixels).float() / 255
+        return normalize(resize_longest_pad(x, self.image_size), self._mean or OPENAI_MEAN, self._std or OPENAI_STD)
 
     def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         img, txt = self.embed(pixels, prompts)

@@ -16,9 +16,10 @@ set and process, batched, on any device/dtype; the remote reward (``rewards.remo
 route for scorers that truly need another environment.
 
 Scoring follows the official ``ImageReward.score``: prompt tokenised by BLIP's BERT tokenizer
-(bert-base-uncased plus BLIP's ``[DEC]`` / ``[ENC]`` tokens) padded to 35 tokens, image resized
-(bicubic, short side 224), centre-cropped and CLIP-normalised, text features cross-attending to all
-image tokens, reward = (MLP(h_CLS) - 0.16717) / 1.03334.
+(bert-base-uncased plus BLIP's ``[DEC]`` / ``[ENC]`` tokens) padded to 35 tokens, image through the
+official transform (``ImageReward._transform(224)``: PIL bicubic resize of the short side, centre crop,
+to tensor, CLIP normalisation; applied to the 8-bit image with torchvision as the package does), text
+features cross-attending to all image tokens, reward = (MLP(h_CLS) - 0.16717) / 1.03334.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from torch import nn
 from rewards.base import (
     RewardError,
     RewardModel,
+    clip_eval_transform,
     hub_error,
-    normalize,
+    per_image,
     register_reward,
-    resize_center_crop,
     resolve_file,
 )
 from rewards.clip_score import OPENAI_MEAN, OPENAI_STD
@@ -181,9 +182,14 @@ class ImageReward(RewardModel):
             self.tokenizer = blip_tokenizer(self.tokenizer_id)
         self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
         self.image_size = self.model.config.image_size
+        self.transform = clip_eval_transform(self.image_size, OPENAI_MEAN, OPENAI_STD)
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (n, 3, H, W) in [0, 1] -> the model's input, as ImageReward's transform makes it."""
+        return per_image(pixels, self.transform)
 
     def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        x = self.to_model(normalize(resize_center_crop(pixels, self.image_size), OPENAI_MEAN, OPENAI_STD))
+        x = self.to_model(self.preprocess(pixels))
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
                              return_tensors="pt").to(self.device)
         return self.model(x, tok["input_ids"], tok["attention_mask"])

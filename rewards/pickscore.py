@@ -7,9 +7,10 @@ preference probabilities; we return the raw score). Defaults are the public chec
 ``yuvalkirstain/PickScore_v1`` with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``;
 both accept a local folder. ``model=`` / ``tokenizer=`` inject a config-built model (tests).
 
-Image preprocessing is the CLIP image processor's (resize shortest edge, centre crop, normalise
-with its mean/std), read from the processor's configuration and applied on tensors so batching is
-exact.
+Image preprocessing is the processor's own: transformers' ``CLIPImageProcessor`` (the one
+``AutoProcessor`` returns for the processor id) applied to the 8-bit images, which is what
+``processor(images=pil_images)`` in PickScore's reference code computes. With an injected model and no
+processor, a ``CLIPImageProcessor`` is built from the model's image size and the CLIP constants.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from rewards.base import RewardModel, hub_error, normalize, register_reward, resize_center_crop
+from rewards.base import RewardModel, hub_error, register_reward, to_uint8
 from rewards.clip_score import OPENAI_MEAN, OPENAI_STD
 
 
@@ -41,20 +42,21 @@ class PickScore(RewardModel):
     """PickScore ``exp(logit_scale) * cos(E_img(x), E_txt(prompt))``.
 
     ``model_id``: hub id or local folder of the CLIPModel; ``processor_id``: of its processor;
-    ``model`` / ``tokenizer`` (a transformers tokenizer): use these instead of loading;
-    ``image_size`` / ``mean`` / ``std``: override the preprocessing; ``max_length``: prompt tokens.
+    ``model`` / ``tokenizer`` (a transformers tokenizer) / ``image_processor``: use these instead of
+    loading; ``image_size`` / ``mean`` / ``std``: override the preprocessing; ``max_length``: prompt tokens.
     """
 
     def __init__(self, model_id: str = "yuvalkirstain/PickScore_v1",
                  processor_id: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", *,
                  model: torch.nn.Module | None = None, tokenizer: Callable | None = None,
-                 image_size: int | None = None, mean: Sequence[float] | None = None,
+                 image_processor: Callable | None = None, image_size: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, max_length: int = 77, **kwargs):
         super().__init__(**kwargs)
         self.model_id = model_id
         self.processor_id = processor_id
         self.model = model
         self.tokenizer = tokenizer
+        self.image_processor = image_processor
         self.image_size = image_size
         self.resize_size: int | None = None
         self.crop_size: int | None = None
@@ -77,21 +79,35 @@ class PickScore(RewardModel):
                 processor = AutoProcessor.from_pretrained(self.processor_id)
             except (OSError, ValueError) as e:
                 raise hub_error("pickscore", self.processor_id, "processor_id", e) from None
-            self.tokenizer = processor.tokenizer
-            ip = processor.image_processor
-            self.crop_size = self.image_size or _side(ip.crop_size, "height")
-            self.resize_size = self.image_size or _side(ip.size, "shortest_edge") or self.crop_size
-            self.mean = self.mean or tuple(ip.image_mean)
-            self.std = self.std or tuple(ip.image_std)
-        if self.crop_size is None:
-            self.crop_size = self.resize_size = self.image_size or int(self.model.config.vision_config.image_size)
-        self.mean = self.mean or OPENAI_MEAN
-        self.std = self.std or OPENAI_STD
+            self.tokenizer = self.tokenizer or processor.tokenizer
+            self.image_processor = self.image_processor or processor.image_processor
+        if self.image_processor is None:  # injected model and tokenizer: CLIP's processor at the model's size
+            from transformers import CLIPImageProcessor
+
+            side = int(self.model.config.vision_config.image_size)
+            self.image_processor = CLIPImageProcessor(
+                size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
+        ip = self.image_processor
+        if self.image_size or self.mean or self.std:  # overrides: the same processor class, changed config
+            cfg = ip.to_dict()
+            cfg.pop("image_processor_type", None)
+            if self.image_size:
+                cfg.update(size={"shortest_edge": self.image_size},
+                           crop_size={"height": self.image_size, "width": self.image_size})
+            cfg.update(image_mean=list(self.mean or ip.image_mean), image_std=list(self.std or ip.image_std))
+            ip = self.image_processor = type(ip)(**cfg)
+        self.crop_size = _side(ip.crop_size, "height")
+        self.resize_size = _side(ip.size, "shortest_edge") or self.crop_size
+        self.mean, self.std = tuple(ip.image_mean), tuple(ip.image_std)
         self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
 
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (n, 3, H, W) in [0, 1] -> the processor's ``pixel_values`` for the 8-bit images."""
+        return self.image_processor(images=list(to_uint8(pixels)), return_tensors="pt")["pixel_values"]
+
     def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        x = resize_center_crop(pixels, self.resize_size, self.crop_size)
-        x = self.to_model(normalize(x, self.mean, self.std))
+        x = self.to_model(self.preprocess(pixels))
         tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt").to(self.device)
         img = F.normalize(_features(self.model.get_image_features(pixel_values=x)).float(), dim=-1)

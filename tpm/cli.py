@@ -113,14 +113,18 @@ def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool) 
     return rew
 
 
-def _pipeline(model: Any, device: str | None):
-    """(pipeline, label) from a pipeline object or a model spec (:func:`tpm.loading.load_model`)."""
+def _pipeline(model: Any, device: str | None, lora=None):
+    """(pipeline, label) from a pipeline object or a model spec (:func:`tpm.loading.load_model`),
+    with LoRA adapters ``lora`` loaded (:func:`tpm.loading.load_lora`)."""
     if model is not None and not isinstance(model, str):
+        from tpm.loading import load_lora
+
+        model = load_lora(model, lora) if lora else model
         if device:
             model = model.to(device)
         return model, str(getattr(model, "name_or_path", None) or type(model).__name__)
     label = model or default_model()
-    return load_model(label, device=device), label
+    return load_model(label, device=device, lora=lora), label
 
 
 def compare(
@@ -145,6 +149,7 @@ def compare(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    lora: str | Sequence[str] | None = None,
 ):
     """Compare policies on a prompt set with the same seeds; write tables, grids and plots to ``out``.
 
@@ -162,6 +167,7 @@ def compare(
             testbed prompts; other prompt sets need rewards named.
         model: a diffusers pipeline, or a model spec (:func:`tpm.loading.load_model`: path / hub id,
             ``testbed:flux``, ``tiny:flux``); default: the shipped testbed Flux.
+        lora: LoRA adapters loaded into the model's backbone (``"PATH_OR_ID[:SCALE],..."`` or a list).
         num_prompts: seeded subset size (None = all); seeds: a count n (seeds 0..n-1) or a list.
         steps: one step count or several (several add ``reward_vs_steps.png``); None = the
             pipeline's default.
@@ -183,7 +189,9 @@ def compare(
         prompt_label = f"{len(prompt_list)} given prompts"
     rew = resolve_rewards(rewards, is_testbed_prompt_set(prompts))
     seeds = seed_list(seeds)
-    pipe, model_label = _pipeline(model, device)
+    pipe, model_label = _pipeline(model, device, lora)
+    if lora:
+        model_label += f" + LoRA {lora if isinstance(lora, str) else ','.join(map(str, lora))}"
     if model_label.startswith("tiny:") and height is None and width is None:
         height = width = 32  # random tiny models: keep the images (and the run) small
     notes = [f"model: `{model_label}`; prompts: `{prompt_label}` ({len(prompt_list)} prompts, seed "
@@ -212,7 +220,7 @@ def cmd_sample(args) -> int:
         raise CLIError("--input-guidance needs a known region: pass --image and --mask")
     policy = None if args.image is not None else policies.load(args.policy)
     model = args.model or default_model()
-    pipe = load_model(model, device=args.device)
+    pipe = load_model(model, device=args.device, lora=args.lora)
     if args.image is not None:
         policy, args.height, args.width = _inpaint_policy(pipe, args.image, args.mask, args.height, args.width)
     cfg = get_backbone(pipe).sample_kwargs(args.guidance_scale)
@@ -279,7 +287,7 @@ def cmd_compare(args) -> int:
         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
         batch_prompts=args.batch_prompts, prompt_column=args.prompt_column, prompt_split=args.prompt_split,
         prompt_seed=args.prompt_seed, heatmap_prompt=args.heatmap_prompt, device=args.device,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, lora=args.lora,
     )
     with open(result.files["summary"]) as f:
         print(f.read())
@@ -292,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="sample images with a policy and write PNGs")
     s.add_argument("--model", default=None, help="pipeline path / hub id, testbed:flux|sd3|flux-asyncpatch, or tiny:flux|sd3")
+    s.add_argument("--lora", action="append", default=None,
+                   help="LoRA adapter to load into the backbone: a diffusers LoRA file/folder/hub id or a peft "
+                        "adapter folder, optionally PATH:SCALE; repeat or comma-separate for several")
     s.add_argument("--policy", default="synchronous", help="policy name (e.g. asyndm, asyndm:exponential) or directory")
     s.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     s.add_argument("--steps", type=int, default=None, help="number of denoising steps (pipeline default)")
@@ -318,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rewards", default=None,
                    help="comma-separated reward names (name or name:key=value); default: the testbed verifier")
     c.add_argument("--model", default=None, help="as for `tpm sample`; default: the testbed Flux")
+    c.add_argument("--lora", action="append", default=None,
+                   help="LoRA adapter to load into the backbone: a diffusers LoRA file/folder/hub id or a peft "
+                        "adapter folder, optionally PATH:SCALE; repeat or comma-separate for several")
     c.add_argument("--num-prompts", type=int, default=64, help="seeded subset of the prompt set (0 = all)")
     c.add_argument("--seeds", type=int, default=4, help="seeds per prompt (0..n-1)")
     c.add_argument("--seed-list", type=_int_list, default=None, help="explicit seeds, e.g. 3,7,11 (overrides --seeds)")

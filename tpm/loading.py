@@ -9,6 +9,12 @@ Models, :func:`load_model` (``spec``):
 - a diffusers folder (``save_pretrained``) or a hub id, read through the HF cache (offline
   machines need it cached).
 
+LoRA adapters, :func:`load_lora` (``load_model(..., lora=...)``), are loaded into the frozen
+backbone with diffusers' LoRA loaders, which use peft: a diffusers LoRA (``save_lora_weights``, the
+format of hub LoRAs, which diffusers also converts from other trainers' layouts), a folder written
+by ``PeftModel.save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``, as
+Flow-GRPO / DanceGRPO checkpoints are saved), or a file written by ``transformer.save_lora_adapter``.
+
 Prompt sets, :func:`load_prompts` (``spec``):
 
 - a registered set (:func:`available_sets`): ``testbed:train``, ``testbed:val``, ``testbed:test``
@@ -133,11 +139,12 @@ def parse_spec(spec: str) -> tuple[str, list[str], dict[str, Any]]:
     return name, words, options
 
 
-def load_model(spec: str, dtype: str | Any = "float32", device=None):
+def load_model(spec: str, dtype: str | Any = "float32", device=None, lora=None):
     """A diffusers pipeline from ``spec`` (module docstring), in ``dtype``, moved to ``device`` if given.
 
     ``dtype`` is a torch dtype or its name ("float32", "float16", "bfloat16"). Testbed and tiny
-    models are built in float32 and cast when another dtype is asked for.
+    models are built in float32 and cast when another dtype is asked for. ``lora``: LoRA adapters to
+    load into the backbone (:func:`parse_lora` forms: ``"PATH_OR_ID[:SCALE],..."`` or a list).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise LoadError("model must be a diffusers folder, a hub id, testbed:NAME or tiny:flux|sd3; got "
@@ -153,7 +160,243 @@ def load_model(spec: str, dtype: str | Any = "float32", device=None):
         pipe = _testbed(spec, torch_dtype)
     else:
         pipe = _diffusers(spec, torch_dtype)
+    if lora:
+        pipe = load_lora(pipe, lora)
     return pipe.to(device) if device is not None else pipe
+
+
+# =============================================================================================
+# LoRA adapters
+# =============================================================================================
+@dataclass(frozen=True)
+class LoraSpec:
+    source: str  # a file, a folder or a hub id
+    scale: float = 1.0
+
+
+def parse_lora(lora) -> list[LoraSpec]:
+    """``"a,b:0.5"`` / ``["a", "b:0.5"]`` / ``[("b", 0.5)]`` / LoraSpec(s) -> a list of :class:`LoraSpec`.
+
+    A trailing ``:SCALE`` that reads as a number is the adapter's weight (default 1).
+    """
+    if lora is None:
+        return []
+    items = [lora] if isinstance(lora, (str, LoraSpec)) else list(lora)
+    items = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])]
+    specs = []
+    for item in items:
+        if isinstance(item, LoraSpec):
+            specs.append(item)
+            continue
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            source, scale = str(item[0]), item[1]
+        elif isinstance(item, str):
+            source, scale = item.strip(), 1.0
+            head, colon, tail = source.rpartition(":")
+            if colon and head:
+                try:
+                    source, scale = head, float(tail)
+                except ValueError:
+                    pass
+        else:
+            raise LoadError(f"LoRA {item!r}: give PATH_OR_ID or PATH_OR_ID:SCALE")
+        if not source:
+            raise LoadError(f"empty LoRA entry in {lora!r}; give PATH_OR_ID[:SCALE], comma-separated")
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise LoadError(f"LoRA {source!r}: scale {scale!r} is not a number") from None
+        specs.append(LoraSpec(source, scale))
+    return specs
+
+
+_PIPELINE_PREFIXES = ("transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "unet.")
+PEFT_PREFIX = "base_model.model."
+
+
+def _lora_error(source: str, why: str) -> LoadError:
+    return LoadError(
+        f"LoRA {source!r}: {why}. Pass a diffusers LoRA (a .safetensors file or a folder / hub id holding "
+        "pytorch_lora_weights.safetensors), or a folder saved by PeftModel.save_pretrained (adapter_config.json "
+        "+ adapter_model.safetensors) for this model's backbone")
+
+
+def _safetensors_keys(path: str) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # not a safetensors file
+        raise _lora_error(path, f"cannot be read as safetensors ({type(e).__name__})") from None
+
+
+def _load_peft_folder(pipe, folder: str, name: str) -> None:
+    """A ``PeftModel.save_pretrained`` folder: its config gives rank, alpha and targets exactly."""
+    import json
+    from dataclasses import fields
+
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise _lora_error(folder, "has adapter_config.json but no adapter_model.safetensors (only safetensors "
+                                  "are read; re-save with safe_serialization=True)")
+    with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise _lora_error(folder, f"is a peft {config.get('peft_type')} adapter, not a LoRA")
+    init = {f.name for f in fields(LoraConfig) if f.init}
+    metadata = {k: v for k, v in config.items() if k in init and k not in ("base_model_name_or_path", "revision")}
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(weights).items()}
+    pipe.transformer.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=metadata)
+
+
+def _load_one(pipe, source: str, name: str) -> None:
+    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "adapter_config.json")):
+        return _load_peft_folder(pipe, source, name)
+    if os.path.isdir(source):
+        files = sorted(f for f in os.listdir(source) if f.endswith(".safetensors"))
+        if not files:
+            raise _lora_error(source, "holds no .safetensors file")
+        file = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in files else files[0]
+        if len(files) > 1 and file != "pytorch_lora_weights.safetensors":
+            raise _lora_error(source, f"holds several .safetensors files {files}; pass the LoRA file itself")
+        source = os.path.join(source, file)
+    if os.path.isfile(source):
+        keys = _safetensors_keys(source)
+        if not any(".lora_" in k or "lora_" in k.split(".")[0] or ".lora." in k for k in keys):
+            raise _lora_error(source, "holds no LoRA weights (no lora_A / lora_B / lora_down tensors)")
+        if not any(k.startswith(_PIPELINE_PREFIXES) for k in keys) and any(".lora_A." in k for k in keys):
+            # transformer.save_lora_adapter: the backbone's own names, rank/alpha in the file's metadata
+            if any(k.startswith(PEFT_PREFIX) for k in keys):
+                from safetensors.torch import load_file
+
+                state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(source).items()}
+                return pipe.transformer.load_lora_adapter(state, prefix=None, adapter_name=name)
+            return pipe.transformer.load_lora_adapter(os.path.dirname(source) or ".", prefix=None, adapter_name=name,
+                                                      weight_name=os.path.basename(source))
+        return pipe.load_lora_weights(os.path.dirname(source) or ".", weight_name=os.path.basename(source),
+                                      adapter_name=name)
+    if _missing_path(source) or source.endswith(".safetensors"):
+        raise _lora_error(source, "does not exist")
+    folder = _hub_peft_folder(source)
+    if folder is not None:
+        return _load_peft_folder(pipe, folder, name)
+    return pipe.load_lora_weights(source, adapter_name=name)  # a hub id, through the HF cache
+
+
+def _hub_peft_folder(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub repo saved by ``PeftModel.save_pretrained`` (None if the repo
+    has no ``adapter_config.json`` or cannot be reached: diffusers' loader then reports the problem)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config = hf_hub_download(repo_id, "adapter_config.json")
+        hf_hub_download(repo_id, "adapter_model.safetensors")
+    except Exception:  # not a peft repo, or offline without it cached
+        return None
+    return os.path.dirname(config)
+
+
+def _adapters(pipe) -> set[str]:
+    import torch
+
+    names: set[str] = set()
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            names |= set(getattr(comp, "peft_config", None) or {})
+    return names
+
+
+def _lora_layers(pipe, name: str) -> int:
+    """How many modules of ``pipe`` hold adapter ``name``."""
+    import torch
+
+    count = 0
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            count += sum(1 for m in comp.modules() if name in (getattr(m, "lora_A", None) or {}))
+    return count
+
+
+def _file_lora_layers(source: str) -> int | None:
+    """Number of LoRA layers in a local peft/diffusers-format file (None: unknown or another layout)."""
+    if os.path.isdir(source):
+        for f in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+            if os.path.isfile(os.path.join(source, f)):
+                source = os.path.join(source, f)
+                break
+    if not (os.path.isfile(source) and source.endswith(".safetensors")):
+        return None
+    keys = [k for k in _safetensors_keys(source) if ".lora_A." in k]
+    return len({k.split(".lora_A.")[0] for k in keys}) or None
+
+
+class _Quiet:
+    """Silence diffusers' logging and peft's warnings while loading: their failures come back as one
+    LoadError and a partial match is checked by counting layers instead."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("diffusers")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+        self.warn = warnings.catch_warnings()
+        self.warn.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        self.warn.__exit__(*exc)
+        self.logger.setLevel(self.level)
+
+
+def load_lora(pipe, lora):
+    """Load the LoRA adapters ``lora`` (:func:`parse_lora`) into ``pipe``'s frozen modules, each at its scale.
+
+    The adapters stay as peft LoRA layers (unfused) so they can be switched off or rescaled with
+    ``pipe.set_adapters`` / ``pipe.disable_lora()``; every parameter is frozen afterwards. Loading
+    more adapters later makes exactly the new ones active.
+    """
+    import torch
+
+    specs = parse_lora(lora)
+    if not specs:
+        return pipe
+    if not hasattr(pipe, "load_lora_weights") or not hasattr(getattr(pipe, "transformer", None), "load_lora_adapter"):
+        raise LoadError(f"{type(pipe).__name__} cannot load LoRA adapters (no diffusers LoRA loader)")
+    names = []
+    for spec in specs:
+        before = _adapters(pipe)
+        name = next(f"tpm_lora_{i}" for i in range(len(before) + 1) if f"tpm_lora_{i}" not in before)
+        try:
+            with _Quiet():
+                _load_one(pipe, spec.source, name)
+        except LoadError:
+            raise
+        except Exception as e:  # diffusers / peft / hub errors: one message
+            text = str(e)
+            mismatch = next((ln.strip() for ln in text.splitlines() if "size mismatch" in ln), None)
+            if mismatch:
+                raise _lora_error(spec.source, f"its layer shapes do not fit this model ({mismatch[:200]}); is it "
+                                               "a LoRA for another model?") from None
+            first = (text.splitlines() or [""])[0][:200]
+            raise _lora_error(spec.source, f"could not be loaded ({type(e).__name__}: {first}); a hub id must be "
+                                           "in your HF cache ($HF_HOME) on offline machines") from None
+        if name not in _adapters(pipe) - before:
+            raise _lora_error(spec.source, "matched no module of this model (is it a LoRA for another model?)")
+        expected, found = _file_lora_layers(spec.source), _lora_layers(pipe, name)
+        if expected is not None and found < expected:
+            raise _lora_error(spec.source, f"only {found} of its {expected} LoRA layers match modules of this "
+                                           "model; is it a LoRA for another model?")
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[s.scale for s in specs])
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            comp.requires_grad_(False).eval()
+    return pipe
 
 
 def default_model() -> str:

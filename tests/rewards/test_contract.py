@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import rewards
-from rewards.base import RewardError, RewardModel, resize_center_crop
+from rewards.base import RewardError, RewardModel, to_pil_images, to_pixels, to_uint8
 
 
 class Const(RewardModel):
@@ -64,13 +65,12 @@ def test_wrong_score_count_is_reported():
         Short([0.0])(torch.rand(2, 3, 8, 8), ["a", "b"])
 
 
-def test_resize_center_crop_shapes_and_identity():
-    x = torch.rand(2, 3, 40, 64)
-    out = resize_center_crop(x, 32)
-    assert out.shape == (2, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
-    y = torch.rand(2, 3, 32, 32)
-    assert torch.equal(resize_center_crop(y, 32), y)
-    # A crop of a wide image keeps its centre: the left and right columns of a constant stripe vanish.
-    z = torch.zeros(1, 3, 32, 48)
-    z[..., :8] = 1
-    assert resize_center_crop(z, 32).max() == 0
+def test_8bit_conversion_round_trips():
+    """Scorers see the 8-bit image: rounding to nearest, and PIL input -> same pixels as its tensor."""
+    x = torch.tensor([0.0, 0.5 / 255 - 1e-4, 0.5 / 255 + 1e-4, 1.0, 1.7, -0.2]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert to_uint8(x)[0, 0, 0].tolist() == [0, 0, 1, 255, 255, 0]
+    y = torch.rand(2, 3, 5, 7)
+    pil = to_pil_images(y)
+    assert [im.size for im in pil] == [(7, 5), (7, 5)] and pil[0].mode == "RGB"
+    assert torch.equal(torch.from_numpy(np.array(pil[1])).permute(2, 0, 1), to_uint8(y)[1])
+    torch.testing.assert_close(to_pixels(pil), to_uint8(y).float() / 255, rtol=0, atol=1e-7)

@@ -72,8 +72,13 @@ def test_cuda(make, name, images, prompts):
 
 
 # -- each score's maths, computed another way -------------------------------------------------------
+def eight_bit(x: torch.Tensor) -> torch.Tensor:
+    """Scorers see the 8-bit image (as the official code does); at the model's size nothing else changes."""
+    return (x * 255).round() / 255
+
+
 def test_clipscore_is_cosine(tiny_open_clip, open_clip_tokenizer, prompts):
-    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # model size: no resize
+    x = eight_bit(torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1)))  # model size: no resize
     score = CLIPScore(model=tiny_open_clip, tokenizer=open_clip_tokenizer, scale=100.0)(x, prompts)
     with torch.no_grad():
         img = tiny_open_clip.encode_image(normalize(x, OPENAI_MEAN, OPENAI_STD))
@@ -82,7 +87,7 @@ def test_clipscore_is_cosine(tiny_open_clip, open_clip_tokenizer, prompts):
 
 
 def test_hpsv2_is_diagonal_of_model_logits(tiny_open_clip, open_clip_tokenizer, prompts):
-    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    x = eight_bit(torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
     score = HPSv2(model=tiny_open_clip, tokenizer=open_clip_tokenizer)(x, prompts)
     with torch.no_grad():  # open_clip's forward returns normalised features; HPS is their dot product
         img, txt, _ = tiny_open_clip(normalize(x, OPENAI_MEAN, OPENAI_STD), open_clip_tokenizer(prompts))
@@ -95,13 +100,17 @@ def test_hpsv2_resize_longest_and_pad():
     assert out.shape == (2, 3, 32, 32)
     assert out[:, :, :12].abs().max() == 0 and out[:, :, 20:].abs().max() == 0  # 8 rows kept, centred
     assert out[:, :, 12:20].abs().max() > 0
-    assert torch.equal(resize_longest_pad(x[..., :32, :32], 32), x[..., :32, :32])
+    sq = torch.rand(2, 3, 32, 32)
+    assert torch.equal(resize_longest_pad(sq, 32), sq)
+    # Longer side already at size: not resized, still padded to the square the model needs.
+    half = resize_longest_pad(x[..., :32], 32)
+    assert half.shape == (2, 3, 32, 32) and torch.equal(half[:, :, 8:24], x[..., :32]) and half[:, :, :8].abs().max() == 0
 
 
 def test_pickscore_is_scaled_logits_diagonal(tiny_hf_clip, clip_tokenizer, prompts):
     with torch.no_grad():
         tiny_hf_clip.logit_scale.fill_(2.0)
-    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    x = eight_bit(torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
     score = PickScore(model=tiny_hf_clip, tokenizer=clip_tokenizer)(x, prompts)
     tok = clip_tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -150,21 +159,20 @@ def test_pickscore_loads_saved_folder(tmp_path, tiny_hf_clip, clip_tokenizer, im
     loaded = PickScore(model_id=str(tmp_path / "model"), processor_id=str(tmp_path / "processor"))
     scores = loaded(images, prompts)
     assert (loaded.resize_size, loaded.crop_size, loaded.mean) == (36, 32, (0.5, 0.4, 0.3))
-    # Same numbers as the processor's own (PIL) pipeline, up to resampling differences (kept small by
-    # smooth images; white noise is where PIL's and torch's bicubic kernels differ most).
-    smooth = F.interpolate(images[:, :, :4, :4], size=(40, 48), mode="bilinear", align_corners=False)
-    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in smooth]
+    # Same numbers as the saved processor's own pipeline on the PIL images, run through the saved model.
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
     tok = clip_tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = tiny_hf_clip(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
                            pixel_values=ip(pil, return_tensors="pt")["pixel_values"])
-    # (measured: max 0.17 on scores of 3-9; the processor resamples 8-bit images, we resample floats)
-    torch.testing.assert_close(loaded(pil, prompts), out.logits_per_image.diagonal(), rtol=0.05, atol=0.05)
-    # The loaded model is the saved one: with its preprocessing given explicitly, the injected model agrees.
-    injected = PickScore(model=tiny_hf_clip, tokenizer=clip_tokenizer, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
-    injected._load()
-    injected.resize_size, injected.crop_size = 36, 32
-    torch.testing.assert_close(injected(images, prompts), scores)
+    torch.testing.assert_close(loaded(pil, prompts), out.logits_per_image.diagonal(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, out.logits_per_image.diagonal(), rtol=1e-5, atol=1e-5)
+    # Overrides of the processor's configuration take effect.
+    other = PickScore(model_id=str(tmp_path / "model"), processor_id=str(tmp_path / "processor"), image_size=32,
+                      mean=(0.5, 0.5, 0.5))
+    other._load()
+    assert (other.resize_size, other.crop_size, other.mean, other.std) == (32, 32, (0.5, 0.5, 0.5), (0.2, 0.25, 0.3))
+    assert not torch.allclose(other(images, prompts), scores)
 
 
 # -- missing weights: one clear error ------------------------------------------------------------------
