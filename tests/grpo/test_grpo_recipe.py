@@ -45,7 +45,7 @@ def test_recipe_parses_yaml_and_flags(tmp_path):
     assert cfg.rewards == {"testbed": 0.5, "clipscore": 0.5} and cfg.policy_options["width"] == 16
     assert cfg.warm_start == {"policy": "shifted_grid", "shift": 2.0} and cfg.reference_steps == 4
     cfg_file.write_text("grpo: {group_sise: 2}\n")
-    with pytest.raises(ValueError, match="unknown grpo keys"):
+    with pytest.raises(ValueError, match="unknown key grpo.group_sise"):
         parse_args(["--config", str(cfg_file)])
 
 
