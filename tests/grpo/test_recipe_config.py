@@ -190,3 +190,18 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "outputs").exists()  # nothing written
     assert main(["train", "--print-config", "--learning-rate", "1e-4"]) == 0
     assert "learning_rate: 0.0001" in capsys.readouterr().out
+
+
+def test_report_to_goes_through_accelerate(tmp_path):
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    from tpm.grpo.trainer import make_accelerator
+
+    acc = make_accelerator(GRPOConfig(output_dir=str(tmp_path)))
+    assert acc.log_with == [LoggerType.TENSORBOARD]  # the default
+    assert GRPOConfig(report_to="none").trackers() == [] and GRPOConfig(report_to="wandb, tensorboard").trackers() \
+        == ["wandb", "tensorboard"]
+    if "wandb" not in {str(t) for t in get_available_trackers()}:  # accelerate alone would drop it silently
+        with pytest.raises(ConfigError, match=r"report_to 'wandb': the package for wandb is not installed"):
+            make_accelerator(GRPOConfig(output_dir=str(tmp_path), report_to="wandb"))
