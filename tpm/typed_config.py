@@ -188,24 +188,6 @@ def merge(base: dict[str, Any], over: dict[str, Any], sections: tuple[str, ...] 
     return out
 
 
-def to_plain(obj) -> Any:
-    """A dataclass as nested plain dicts (what YAML / JSON hold)."""
-    return dataclasses.asdict(obj)
-
-
-def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old, new)}`` for every leaf that differs (nested dicts compared key by key)."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(old) | set(new), key=str):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict) and name.count(".") == 0 and key == "grpo":
-            out.update(diff(a, b, f"{name}."))
-        elif a != b:
-            out[name] = (a, b)
-    return out
-
-
 # ---- files -----------------------------------------------------------------------------------------
 def _yaml_problem(e: Exception) -> str:
     mark = getattr(e, "problem_mark", None)
