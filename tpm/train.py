@@ -171,6 +171,7 @@ def run(cfg: RecipeConfig) -> Any:
     if acc.is_main_process:  # the run folder is this process's until the report is written
         try:
             ckpt.acquire_lock(g.output_dir)
+            ckpt.recover(g.output_dir)
             ckpt.check_output_dir(g)
             if g.resume is not None:
                 check_resume(cfg)

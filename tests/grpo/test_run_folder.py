@@ -171,3 +171,14 @@ def test_interrupted_prune_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-000003")
     ckpt.prune_checkpoints(str(tmp_path), keep=2)
     assert sorted(os.listdir(root)) == ["checkpoint-000002", "checkpoint-000003"]  # the leftover is gone
+
+
+def test_a_killed_overwrite_is_undone_at_the_next_start(flux_pipe, tmp_path):
+    out = tmp_path / "run"
+    make_trainer(flux_pipe, out, max_iterations=1).train()
+    old = (out / "policy" / "model.safetensors").read_bytes()
+    ckpt.set_aside(str(out))  # what --overwrite does before a kill -9 in its first iteration
+    (out / "logs").mkdir()  # ... and the new run's first files
+    with pytest.raises(GRPOConfigError, match="holds another run"):  # the old run is back, so it is protected
+        make_trainer(flux_pipe, out, max_iterations=1).train()
+    assert (out / "policy" / "model.safetensors").read_bytes() == old and not (out / ckpt.PREVIOUS).exists()

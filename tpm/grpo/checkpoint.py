@@ -117,6 +117,16 @@ def restore_previous(output_dir: str) -> bool:
     return True
 
 
+def recover(output_dir: str) -> bool:
+    """Put back a run that an ``overwrite`` killed before its first iteration had set aside (call with the
+    lock held, before looking at the folder); True if one was restored."""
+    if not os.path.isdir(os.path.join(output_dir, PREVIOUS)):
+        return False
+    restore_previous(output_dir)
+    print(f"{output_dir}: restored the run that an interrupted --overwrite had set aside")
+    return True
+
+
 def discard_previous(output_dir: str) -> None:
     """Delete the run set aside by :func:`set_aside` (the new run has started cleanly)."""
     _remove(os.path.join(output_dir, PREVIOUS))

@@ -145,6 +145,8 @@ class GRPOTrainer:
         cfg = self.config
         if self.accelerator.is_main_process:
             ckpt.acquire_lock(cfg.output_dir)
+            ckpt.recover(cfg.output_dir)
+        self.accelerator.wait_for_everyone()
         clear = ckpt.check_output_dir(cfg)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -365,8 +367,8 @@ class GRPOTrainer:
     # ---- the loop --------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Train, export, return the result; the run folder is locked meanwhile (see :mod:`tpm.grpo.checkpoint`)."""
-        self._prepare_output()
         try:
+            self._prepare_output()
             return self._train()
         except BaseException:
             # failed before its first iteration completed: the overwritten run is put back (a no-op after)
