@@ -48,10 +48,54 @@ def registered_rewards() -> dict[str, type[RewardModel]]:
 
 
 def load(name: str, **options) -> RewardModel:
-    """Build the reward registered as ``name`` with its options (nothing is loaded yet)."""
+    """Build the reward registered as ``name`` with its options (nothing is loaded yet); a name with a
+    colon is an import path, ``package.module:Name`` (:func:`load_by_path`)."""
+    if ":" in name:
+        return load_by_path(name, **options)
     if name not in _REWARDS:
-        raise RewardError(f"unknown reward {name!r}; known rewards: {sorted(_REWARDS)}")
+        raise RewardError(f"unknown reward {name!r}; known rewards: {sorted(_REWARDS)}, or an import path "
+                          "package.module:Name")
     return _REWARDS[name](**options)
+
+
+def load_by_path(path: str, **options) -> RewardModel:
+    """A reward defined outside this package, named ``package.module:Name`` (``Name`` may be dotted).
+
+    ``Name`` is a :class:`RewardModel` subclass (built with ``options``), an instance of one, or a
+    function ``(images, prompts, **options) -> scores`` that takes pixels (N, 3, H, W) in [0, 1].
+    """
+    import importlib
+    import inspect
+
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise RewardError(f"reward import path {path!r} must read package.module:Name")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise RewardError(f"reward {path!r}: cannot import module {module!r} ({e}); install it or put its folder "
+                          "on PYTHONPATH") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(f"reward {path!r}: module {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if inspect.isclass(obj) and issubclass(obj, RewardModel):
+        try:
+            reward = obj(**options)
+        except TypeError as e:
+            raise RewardError(f"reward {path!r}: bad options {sorted(options)} ({e})") from None
+    elif isinstance(obj, RewardModel):
+        if options:
+            raise RewardError(f"reward {path!r} is an instance, it takes no options (got {sorted(options)})")
+        reward = obj
+    elif inspect.isfunction(obj) or (callable(obj) and not inspect.isclass(obj) and not inspect.ismodule(obj)):
+        reward = FunctionReward(obj, **options)
+    else:
+        raise RewardError(f"reward {path!r} is a {type(obj).__name__}, not a reward: give a rewards.RewardModel "
+                          "subclass or instance, or a function (images, prompts) -> scores")
+    if not reward.name:
+        reward.name = path
+    return reward
 
 
 def to_pixels(images: ImageBatch) -> torch.Tensor:
@@ -148,6 +192,26 @@ class RewardModel(abc.ABC):
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         """Move a float input to the reward's device and dtype."""
         return x.to(device=self.device, dtype=self.dtype)
+
+
+class FunctionReward(RewardModel):
+    """A plain function ``fn(pixels, prompts, **options) -> scores`` behind the reward contract."""
+
+    def __init__(self, fn, device: str | torch.device = "cpu", batch_size: int = 16, **options):
+        super().__init__(device=device, batch_size=batch_size)
+        self.fn = fn
+        self.options = options
+        self.name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+    def _load(self) -> None:
+        pass
+
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        out = self.fn(pixels, prompts, **self.options)
+        try:
+            return torch.as_tensor(out, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise RewardError(f"reward {self.name!r} returned {type(out).__name__}, not one score per image") from None
 
 
 def check_finite(scores: torch.Tensor, name: str) -> None:

@@ -1,4 +1,4 @@
-"""``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm reward-serve``) and :func:`compare`.
+"""``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm train``, ``tpm reward-serve``) and :func:`compare`.
 
 This is the one module of ``tpm`` that imports ``policies`` and ``rewards`` (they import ``tpm``,
 so the core cannot): it turns policy and reward names into objects, for the commands and for
@@ -80,6 +80,11 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
         name, words, kwargs = parse_spec(spec)
     except LoadError as e:
         raise CompareError(str(e)) from None
+    if words:
+        import rewards as reward_lib
+
+        if name not in reward_lib.registered_rewards():  # an import path, package.module:Name[:key=value]
+            name, words = f"{name}:{words[0]}", words[1:]
     if words:
         raise CompareError(f"reward option {words[0]!r} in {spec!r} must be key=value")
     return name, kwargs
@@ -349,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.add_argument("--out", default="outputs/compare")
     c.add_argument("--overwrite", action="store_true", help="discard the cache in --out instead of resuming")
+    sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
+                   "accelerate launch -m tpm.train)")
     # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
     sub.add_parser("reward-serve", add_help=False,
                    help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
@@ -362,8 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["reward-serve"]:
         return cmd_reward_serve(argv[1:])
     parser = build_parser()
+    if argv[:1] == ["train"]:  # its own parser: every config field is a flag (tpm.recipe)
+        from tpm.train import main as train_main
+
+        train_main(argv[1:], prog="tpm train")
+        return 0
     args, rest = parser.parse_known_args(argv)
-    if args.command != "reward-serve" and rest:
+    if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "compare":

@@ -24,6 +24,8 @@ Prompt sets, :func:`load_prompts` (``spec``):
   file or a hub id, e.g. ``drawbench=sayakpaul/drawbench``) and the set's default column is used;
 - a local ``.txt`` file (one prompt per line), or a ``.csv``, ``.json`` / ``.jsonl``,
   ``.parquet`` file or data folder;
+- a folder with ``train.txt`` / ``test.txt`` (the ``dataset/NAME/`` layout flow_grpo ships its
+  prompt sets in): ``split`` picks the file;
 - a hub dataset id (read through the HF cache).
 
 Files other than ``.txt`` and hub ids are read with ``datasets.load_dataset``. A subset of ``n``
@@ -165,8 +167,7 @@ def load_model(spec: str, dtype: str | Any = "float32", device=None, lora=None):
     return pipe.to(device) if device is not None else pipe
 
 
-# =============================================================================================
-# LoRA adapters
+# ======================================================================================# LoRA adapters
 # =============================================================================================
 @dataclass(frozen=True)
 class LoraSpec:
@@ -397,6 +398,33 @@ def load_lora(pipe, lora):
         if isinstance(comp, torch.nn.Module):
             comp.requires_grad_(False).eval()
     return pipe
+=======
+def model_token_size(spec: str) -> int | None:
+    """Image pixels per latent token side (VAE factor x 2) read from a model's config files without
+    loading weights, for checking image sizes early; None when they are not readable here (tiny
+    models, hub ids not in the cache)."""
+    import json
+
+    from tpm.testbed.models import CHECKPOINT_DIR
+
+    if not isinstance(spec, str) or spec.startswith(TINY_PREFIX):
+        return None
+    folder = str(CHECKPOINT_DIR / spec[len(TESTBED_PREFIX):]) if spec.startswith(TESTBED_PREFIX) else spec
+    vae_config = os.path.join(folder, "vae", "config.json")
+    if not os.path.isfile(vae_config) and not os.path.exists(folder) and spec.count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(spec, "vae/config.json")
+            vae_config = found if isinstance(found, str) else vae_config
+        except Exception:  # no cache, bad id: the loader reports it properly later
+            return None
+    try:
+        with open(vae_config) as f:
+            channels = json.load(f)["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return 2 ** (len(channels) - 1) * 2  # Flux packs 2x2 latents per token, SD3 patchifies by 2
 
 
 def default_model() -> str:
@@ -505,6 +533,9 @@ def _read_text_file(path: str, column: str | None) -> list[str]:
 def read_dataset_prompts(source: str, column: str | None = None, split: str = "train") -> list[str]:
     """Prompts from a local file / folder or a hub dataset id (``datasets.load_dataset`` except for .txt)."""
     kwargs: dict = {}
+    layout = _split_file(source, split)
+    if layout is not None:
+        return _read_text_file(layout, column)
     if os.path.isfile(source):
         ext = os.path.splitext(source)[1].lower()
         if ext not in _LOADERS:
@@ -544,6 +575,23 @@ def read_dataset_prompts(source: str, column: str | None = None, split: str = "t
     if not prompts:
         raise PromptSetError(f"{source!r} column {column!r} holds no non-empty prompt")
     return prompts
+
+
+def _split_file(source: str, split: str) -> str | None:
+    """``SPLIT.txt`` of a folder in the ``dataset/NAME/{train,test}.txt`` layout (one prompt per line,
+    as flow_grpo ships its prompt sets); None for other folders. A folder of that layout without the
+    split asked for raises, naming the splits it has."""
+    if not os.path.isdir(source):
+        return None
+    path = os.path.join(source, f"{split}.txt")
+    if os.path.isfile(path):
+        return path
+    have = sorted(f[:-4] for f in os.listdir(source) if f[:-4] in ("train", "test", "val", "validation")
+                  and f.endswith(".txt"))
+    if have:
+        raise PromptSetError(f"prompt folder {source!r} has no {split}.txt (it has {', '.join(h + '.txt' for h in have)}); "
+                             "pick one of those splits (train_split / eval_split, --prompt-split)")
+    return None
 
 
 def _looks_like_path(source: str) -> bool:

@@ -1,10 +1,11 @@
-"""The training entry point: ``recipes/grpo_flux.py``, ``recipes/grpo_sd3.py`` and ``tpm train`` call :func:`main`.
+"""The training entry point: ``tpm train``, ``accelerate launch -m tpm.train`` and the recipes call :func:`main`.
 
-A run is a :class:`RecipeConfig` (a YAML file plus command-line overrides, in the spirit of TRL's
-``TrlParser``) turned into a pipeline, a policy, a reward and prompt lists, optionally a warm start
-(the field policy imitating a fixed policy), then :class:`tpm.grpo.GRPOTrainer`, then a held-out
-report. This module and ``tpm.cli`` are the two places in ``tpm`` that turn names into ``policies``
-and ``rewards`` objects; the rest of ``tpm`` never imports those packages.
+A run is a :class:`RecipeConfig` (a shipped preset, a YAML file and command-line flags, every field
+typed and checked: :mod:`tpm.recipe`) turned into a pipeline, a policy, a reward and prompt lists,
+optionally a warm start (the field policy imitating a fixed policy), then
+:class:`tpm.grpo.GRPOTrainer`, then a held-out report. This module and ``tpm.cli`` are the two
+places in ``tpm`` that turn names into ``policies`` and ``rewards`` objects; the rest of ``tpm``
+never imports those packages.
 
 The report compares, on the held-out prompts with the same noise per prompt (paired), the
 synchronous sampler at the run's step count and at ``reference_steps``, every fixed ``baselines``
@@ -12,117 +13,25 @@ policy at the run's step count, the policy before training (after any warm start
 difference against the synchronous sampler at the same steps is a paired bootstrap interval over
 prompts. It is printed, written to ``report.json`` / ``report.md`` and drawn as ``report.png``.
 
-Defaults are the embedded testbed: ``model: testbed:flux``, reward ``testbed`` (the exact verifier),
-prompts from the testbed's train / val splits.
+Everything a user can get wrong is checked before the model loads: the config's types and ranges,
+the run folder (locked for this process; ``--resume`` refuses a changed config unless
+``--accept-config-changes``), the image size against the model's token size when its config is
+readable, the policies and rewards named.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from tpm.grpo.config import GRPOConfig, GRPOConfigError
-
-
-@dataclass
-class RecipeConfig:
-    """model: "testbed:flux" / "testbed:sd3", a testbed or diffusers folder, a hub id, "tiny:flux".
-    dtype: weights dtype of a diffusers model ("float32", "float16", "bfloat16").
-    policy: trainable policy name ("field", "tpm", "velocity_scale"); policy_options: its constructor
-    options (token/text widths and the token grid are read from the pipeline).
-    warm_start: a fixed policy the field policy imitates before GRPO, as {"policy": name, **options};
-    warm_start_prompts / warm_start_iterations: how many training prompts it is run on, fitting steps.
-    rewards: name -> weight (several are z-scored and summed, AsyncDiff Eq. 16); reward_options:
-    name -> options. train_prompts / eval_prompts: "testbed:train" / "testbed:val", a text file (one
-    prompt per line) or any prompt set ``tpm.loading`` knows. baselines: label -> {"policy": name,
-    **options}, fixed policies reported at the run's step count. reference_steps: the synchronous
-    step count reported as the quality a few-step policy aims at. grpo: GRPOConfig fields."""
-
-    model: str = "testbed:flux"
-    dtype: str = "float32"
-    policy: str = "tpm"
-    policy_options: dict[str, Any] = field(default_factory=dict)
-    warm_start: dict[str, Any] | None = None
-    warm_start_prompts: int = 512
-    warm_start_iterations: int = 300
-    rewards: dict[str, float] = field(default_factory=lambda: {"testbed": 1.0})
-    reward_options: dict[str, dict] = field(default_factory=dict)
-    train_prompts: str = "testbed:train"
-    eval_prompts: str = "testbed:val"
-    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reference_steps: int = 20
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-
-
-TRAINABLE = ("field", "tpm", "velocity_scale")
-
-
-def _merge(cfg: RecipeConfig, data: dict[str, Any], source: str) -> RecipeConfig:
-    names = {f.name for f in dataclasses.fields(RecipeConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise GRPOConfigError(f"{source}: unknown keys {unknown}; valid keys are {sorted(names)}")
-    data = dict(data)
-    grpo = data.pop("grpo", None) or {}
-    if not isinstance(grpo, dict):
-        raise GRPOConfigError(f"{source}: 'grpo' must be a mapping of GRPOConfig fields")
-    gnames = {f.name for f in dataclasses.fields(GRPOConfig)}
-    bad = sorted(set(grpo) - gnames)
-    if bad:
-        raise GRPOConfigError(f"{source}: unknown grpo keys {bad}; valid keys are {sorted(gnames)}")
-    return dataclasses.replace(cfg, **data, grpo=dataclasses.replace(cfg.grpo, **grpo))
-
-
-def parse_args(argv: list[str] | None = None, defaults: RecipeConfig | None = None,
-               description: str = "") -> RecipeConfig:
-    """``--config FILE.yaml`` then the explicit flags, over ``defaults``."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", help="YAML file with RecipeConfig keys (and a 'grpo:' section)")
-    p.add_argument("--model", help="testbed:flux | testbed:sd3 | a testbed or diffusers folder | a hub id")
-    p.add_argument("--output-dir", help="run folder (checkpoints/, logs/, policy/, report.*)")
-    p.add_argument("--max-iterations", type=int, help="GRPO iterations")
-    p.add_argument("--seed", type=int, help="seeds the policy's initial weights, prompts, noises and draws")
-    p.add_argument("--rewards", help="comma-separated reward names, equal weights (e.g. imagereward,hpsv2)")
-    p.add_argument("--policy", help=f"trainable policy name ({', '.join(TRAINABLE)})")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
-    args = p.parse_args(argv)
-    cfg = defaults or RecipeConfig()
-    if args.config:
-        import yaml
-
-        if not os.path.isfile(args.config):
-            raise GRPOConfigError(f"--config {args.config}: no such file")
-        with open(args.config) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise GRPOConfigError(f"{args.config} must hold a mapping of RecipeConfig keys")
-        cfg = _merge(cfg, data, args.config)
-    top: dict[str, Any] = {}
-    if args.model:
-        top["model"] = args.model
-    if args.policy:
-        top["policy"] = args.policy
-    if args.rewards:
-        names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-        top["rewards"] = {n: 1.0 / len(names) for n in names}
-    grpo: dict[str, Any] = {}
-    for name in ("output_dir", "max_iterations", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            grpo[name] = value
-    if args.resume:
-        grpo["resume"] = True
-    if args.overwrite:
-        grpo["overwrite"] = True
-    return _merge(cfg, {**top, "grpo": grpo}, "command line")
+from tpm.grpo.config import GRPOConfigError
+from tpm.recipe import TRAINABLE, RecipeConfig, config_yaml, parse_args  # noqa: F401  (a run's config)
+from tpm.typed_config import ConfigError
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -191,52 +100,127 @@ def warm_start(cfg: RecipeConfig, policy, pipe, quiet: bool) -> dict[str, float]
 
     g = cfg.grpo
     source = fixed_policy(cfg.warm_start, "warm_start")
-    prompts = load_prompts(cfg.train_prompts, n=cfg.warm_start_prompts, seed=g.seed)
+    prompts = load_prompts(cfg.train_prompts, n=cfg.warm_start_prompts, seed=g.seed, column=cfg.prompt_column,
+                           split=cfg.train_split)
     return imitate(policy, pipe, source, prompts, num_inference_steps=g.num_inference_steps,
                    seeds=[g.seed * 100_003 + i for i in range(len(prompts))], iterations=cfg.warm_start_iterations,
                    sample_kwargs=g.sample_kwargs, height=g.height, width=g.width, progress=not quiet)
 
 
 # ---- the run --------------------------------------------------------------------------------------
+def check_size(cfg: RecipeConfig) -> None:
+    """Image height / width against the model's token size, read from its config files (no weights)."""
+    from tpm.loading import model_token_size
+
+    g = cfg.grpo
+    if g.height is None and g.width is None:
+        return
+    ts = model_token_size(cfg.model)
+    if ts is None:  # not readable before loading: the backbone checks it right after
+        return
+    for name in ("height", "width"):
+        v = getattr(g, name)
+        if v is not None and v % ts:
+            raise GRPOConfigError(f"grpo.{name} must be a multiple of {ts} for {cfg.model} (VAE factor x patch "
+                                  f"size), got {v}; e.g. {max(ts, round(v / ts) * ts)}")
+
+
+def check_resume(cfg: RecipeConfig) -> None:
+    """Refuse a resume whose config differs from its checkpoint's, before anything loads (the trainer
+    checks again, for callers that use it directly)."""
+    from tpm.grpo import checkpoint as ckpt
+
+    g = cfg.grpo
+    path = ckpt.resume_checkpoint(g)
+    with open(os.path.join(path, ckpt.STATE_FILE)) as f:
+        saved = json.load(f)
+    current = g.to_dict()
+    if not current["sample_kwargs"]:  # filled from the pipeline after loading; the trainer compares it then
+        current.pop("sample_kwargs")
+        saved.get("config", {}).pop("sample_kwargs", None)
+    changes = ckpt.config_changes(saved.get("config", {}), current)
+    changes.update({k: v for k, v in ckpt.config_changes(saved.get("run_config") or {}, run_config(cfg)).items()})
+    if changes and not g.accept_config_changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise GRPOConfigError(f"--resume {path}: the config differs from the checkpoint's ({listed}); pass "
+                              "--accept-config-changes to continue with the new values, or restore them")
+
+
+def run_config(cfg: RecipeConfig) -> dict[str, Any]:
+    """The recipe-level settings stored with every checkpoint (the GRPO ones are stored by the trainer)."""
+    out = cfg.to_dict()
+    out.pop("grpo")
+    return out
+
+
 def run(cfg: RecipeConfig) -> Any:
-    """Build everything, train, report on the held-out prompts."""
-    from accelerate import Accelerator
+    """Check, build everything, train, report on the held-out prompts."""
+    from accelerate.utils import broadcast_object_list
 
     from tpm.backbones import get_backbone
-    from tpm.grpo.checkpoint import check_output_dir
-    from tpm.grpo.trainer import GRPOTrainer
+    from tpm.grpo import checkpoint as ckpt
+    from tpm.grpo.trainer import GRPOTrainer, make_accelerator
     from tpm.loading import load_model, load_prompts
 
     g = cfg.grpo
-    check_output_dir(g)  # before loading anything heavy
-    if cfg.reference_steps < 1:
-        raise GRPOConfigError(f"reference_steps must be >= 1, got {cfg.reference_steps}")
+    check_size(cfg)
     baselines = {label: fixed_policy(spec, f"baselines[{label!r}]") for label, spec in cfg.baselines.items()}
-    acc = Accelerator(log_with="tensorboard", project_dir=os.path.join(g.output_dir, "logs"))
-    pipe = load_model(cfg.model, cfg.dtype, device=acc.device)
-    if not g.sample_kwargs:
-        g = dataclasses.replace(g, sample_kwargs=get_backbone(pipe).sample_kwargs())
-    cfg = dataclasses.replace(cfg, grpo=g)
-    policy = build_policy(cfg, pipe, g.seed)
     reward = build_reward(cfg)
-    train = load_prompts(cfg.train_prompts)
-    evals = load_prompts(cfg.eval_prompts) if g.eval_prompts else []
-    evals = evals[: g.eval_prompts]
-    if not g.resume:
-        fit = warm_start(cfg, policy, pipe, quiet=not (g.progress and acc.is_main_process))
-        if fit is not None and acc.is_main_process:
-            print(f"warm start: imitated {cfg.warm_start} (squared error of the action parts: "
-                  + ", ".join(f"{k} {v:.2g}" for k, v in fit.items()) + ")")
-    before = copy.deepcopy(policy)
-    trainer = GRPOTrainer(g, policy, pipe, reward, train, evals, accelerator=acc)
-    result = trainer.train()
-    if evals:
-        report = held_out_report(trainer, before, baselines, cfg)
+    acc = make_accelerator(g)
+    error = [None]
+    if acc.is_main_process:  # the run folder is this process's until the report is written
+        try:
+            ckpt.acquire_lock(g.output_dir)
+            ckpt.recover(g.output_dir)
+            ckpt.check_output_dir(g)
+            if g.resume is not None:
+                check_resume(cfg)
+        except ConfigError as e:
+            ckpt.release_lock(g.output_dir)
+            error = [str(e)]
+    if acc.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise GRPOConfigError(error[0])
+    try:
+        train = load_prompts(cfg.train_prompts, column=cfg.prompt_column, split=cfg.train_split)
+        evals = (load_prompts(cfg.eval_prompts, column=cfg.prompt_column, split=cfg.eval_split)[: g.eval_prompts]
+                 if g.eval_prompts else [])
+        lora = {"lora": cfg.lora} if cfg.lora is not None else {}
+        pipe = load_model(cfg.model, cfg.dtype, device=acc.device, **lora)
+        backbone = get_backbone(pipe)
+        try:
+            backbone.resolve_size(g.height, g.width)
+        except ValueError as e:
+            raise GRPOConfigError(f"grpo.height / grpo.width: {e}") from None
+        if not g.sample_kwargs:
+            g = dataclasses.replace(g, sample_kwargs=backbone.sample_kwargs())
+        cfg = dataclasses.replace(cfg, grpo=g)
+        policy = build_policy(cfg, pipe, g.seed)
+        if g.resume is None:
+            fit = warm_start(cfg, policy, pipe, quiet=not (g.progress and acc.is_main_process))
+            if fit is not None and acc.is_main_process:
+                print(f"warm start: imitated {cfg.warm_start} (squared error of the action parts: "
+                      + ", ".join(f"{k} {v:.2g}" for k, v in fit.items()) + ")")
+        before = copy.deepcopy(policy)
+        trainer = GRPOTrainer(g, policy, pipe, reward, train, evals, accelerator=acc, run_config=run_config(cfg))
+        result = trainer.train()
         if acc.is_main_process:
-            write_report(report, trainer, g.output_dir)
+            with open(os.path.join(g.output_dir, "config.yaml"), "w") as f:  # rerun: --config OUTPUT/config.yaml
+                f.write(config_yaml(dataclasses.replace(cfg, grpo=dataclasses.replace(
+                    g, resume=None, overwrite=False, accept_config_changes=False))))
+        if evals:
+            report = held_out_report(trainer, before, baselines, cfg)
+            if acc.is_main_process:
+                write_report(report, trainer, g.output_dir)
+    finally:
+        if acc.is_main_process:
+            ckpt.release_lock(g.output_dir)
     if acc.is_main_process:
         print(f"policy: {result.policy_dir}  (load with policies.load({result.policy_dir!r}))")
-        print(f"logs:   {result.log_dir}  (tensorboard --logdir {result.log_dir})")
+        if g.trackers():
+            hint = f"; tensorboard --logdir {result.log_dir}" if "tensorboard" in g.trackers() else ""
+            print(f"logs:   {result.log_dir}  ({', '.join(g.trackers())}{hint})")
         print(f"checkpoints: {os.path.join(g.output_dir, 'checkpoints')}")
     return result
 
@@ -307,13 +291,29 @@ def _to_pil(batch) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-def main(argv: list[str] | None = None, defaults: RecipeConfig | None = None, description: str = "") -> Any:
-    """A recipe's whole body: parse with ``defaults``, train; user errors become one line and exit status 1."""
+def main(argv: list[str] | None = None, defaults: str | None = None, description: str = "",
+         prog: str | None = None) -> Any:
+    """Parse ``argv`` over preset ``defaults`` (a name in ``tpm/presets``), train; user errors become one
+    line on stderr and exit status 1."""
+    import sys
+
     from rewards import RewardError
+    from tpm.backbones.base import BackboneError
     from tpm.loading import LoadError
     from tpm.policy import PolicyError
 
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(parse_args(argv, defaults, description=description))
-    except (GRPOConfigError, PolicyError, RewardError, LoadError, FileNotFoundError) as e:  # user-fixable
+        cfg = parse_args(argv, defaults, description=description, prog=prog)
+        if "--print-config" in argv:
+            print(config_yaml(cfg), end="")
+            return cfg
+        return run(cfg)
+    except (ConfigError, PolicyError, RewardError, LoadError, BackboneError, FileNotFoundError) as e:  # user-fixable
         raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":  # python -m tpm.train / accelerate launch -m tpm.train
+    from tpm.train import main as _main  # the importable module's classes, not __main__'s copies
+
+    _main()

@@ -59,3 +59,41 @@ def test_bad_prompt_sets(tmp_path):
     with pytest.raises(PromptSetError, match="drawbench=FILE_OR_HUB_ID"):
         load_prompts("drawbench")
     assert {"coco", "geneval", "t2i-compbench", "drawbench"} <= set(available_sets())
+
+
+def test_flow_grpo_folder_layout(tmp_path):
+    # dataset/NAME/{train,test}.txt: the split picks the file; the recipe reads train / test from it
+    folder = tmp_path / "dataset" / "ocr"
+    folder.mkdir(parents=True)
+    (folder / "train.txt").write_text("a sign saying hello\na sign saying bye\n")
+    (folder / "test.txt").write_text("a sign saying held out\n")
+    assert load_prompts(str(folder)) == ["a sign saying hello", "a sign saying bye"]
+    assert load_prompts(str(folder), split="test") == ["a sign saying held out"]
+    with pytest.raises(PromptSetError, match=r"has no val\.txt \(it has test\.txt, train\.txt\)"):
+        load_prompts(str(folder), split="val")
+
+
+def test_recipe_prompts_go_through_the_same_loader(tmp_path, monkeypatch):
+    # tpm train reads its prompt sets with tpm.loading.load_prompts, like tpm compare: check the calls
+    import tpm.loading
+    from tpm.train import main
+
+    folder = tmp_path / "dataset" / "ocr"
+    folder.mkdir(parents=True)
+    (folder / "train.txt").write_text("a\nb\n")
+    (folder / "test.txt").write_text("c\n")
+    calls = []
+
+    def spy(spec, n=None, seed=0, column=None, split="train"):
+        calls.append((spec, split, column))
+        return load_prompts(spec, n, seed, column, split)
+
+    def stop(*args, **kwargs):
+        raise tpm.loading.LoadError("stop here")
+
+    monkeypatch.setattr(tpm.loading, "load_prompts", spy)
+    monkeypatch.setattr(tpm.loading, "load_model", stop)
+    with pytest.raises(SystemExit, match="stop here"):
+        main(["--train-prompts", str(folder), "--eval-prompts", str(folder), "--output-dir", str(tmp_path / "o"),
+              "--report-to", "none"])
+    assert calls == [(str(folder), "train", None), (str(folder), "test", None)]

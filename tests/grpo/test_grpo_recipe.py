@@ -45,7 +45,7 @@ def test_recipe_parses_yaml_and_flags(tmp_path):
     assert cfg.rewards == {"testbed": 0.5, "clipscore": 0.5} and cfg.policy_options["width"] == 16
     assert cfg.warm_start == {"policy": "shifted_grid", "shift": 2.0} and cfg.reference_steps == 4
     cfg_file.write_text("grpo: {group_sise: 2}\n")
-    with pytest.raises(ValueError, match="unknown grpo keys"):
+    with pytest.raises(ValueError, match="unknown key grpo.group_sise"):
         parse_args(["--config", str(cfg_file)])
 
 
@@ -93,3 +93,51 @@ def test_recipe_under_accelerate_launch(tmp_path, testbed_flux, processes):
     pipe = load_pipeline(testbed_flux)
     images = tpm.sample(pipe, ["a red circle"], policy=policy, num_inference_steps=3, output_type="pt").images
     assert images.shape[0] == 1 and bool(torch.isfinite(images).all())
+
+
+CUSTOM_REWARD = """
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+@pytest.mark.slow
+def test_tpm_train_outside_the_repo(tmp_path, testbed_flux):
+    # `tpm train` from another folder: the preset comes from the package, the reward by import path,
+    # the prompts from a flow_grpo-style folder (train.txt / test.txt)
+    work = tmp_path / "elsewhere"
+    (work / "dataset" / "shapes").mkdir(parents=True)
+    (work / "dataset" / "shapes" / "train.txt").write_text("a red circle\na blue square\n")
+    (work / "dataset" / "shapes" / "test.txt").write_text("a green triangle\n")
+    (work / "my_reward.py").write_text(CUSTOM_REWARD)
+    cfg_file = tmp_path / "small.yaml"
+    cfg_file.write_text(SMALL)
+    cmd = [sys.executable, "-m", "tpm.cli", "train", "--config", str(cfg_file), "--model", str(testbed_flux),
+           "--output-dir", "run", "--max-iterations", "2", "--rewards", "my_reward:brightness",
+           "--train-prompts", "dataset/shapes", "--eval-prompts", "dataset/shapes", "--report-to", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(work)])}
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((work / "run" / "run.json").read_text())
+    assert run["iterations"] == 2 and "my_reward:brightness" in run["final_eval"]
+    assert (work / "run" / "config.yaml").is_file() and (work / "run" / "report.md").is_file()
+    # the same again is refused (another run is there), in one line, and nothing is lost
+    again = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+        "error: run holds another run; pass --resume to continue it, --overwrite to replace it, or choose "
+        "another --output-dir"]
+    assert json.loads((work / "run" / "run.json").read_text()) == run
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_presets(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import zipfile
+
+    from tpm.recipe import available_presets
+
+    (wheel,) = tmp_path.glob("tpm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"tpm/presets/{p}.yaml" for p in available_presets()} <= names

@@ -5,8 +5,15 @@ frozen reference as ``config.json`` + safetensors; optimizer, scheduler and torc
 ``weights_only`` torch file; iteration, history and the Python / NumPy RNG states as JSON),
 ``policy/`` (the exported result), ``run.json`` and ``logs/``. A checkpoint is written to a
 temporary folder and renamed, which is atomic on one filesystem, so a kill leaves either the old
-or the new checkpoint complete. We do not use ``accelerator.save_state`` because its RNG files are
-pickles that need ``torch.load(weights_only=False)``.
+or the new checkpoint complete; pruning renames an old checkpoint out of the ``checkpoint-*`` names
+before deleting it and runs again at every start, so a kill anywhere leaves at most one extra
+checkpoint, gone after the next start or save. We do not use ``accelerator.save_state`` because
+its RNG files are pickles that need ``torch.load(weights_only=False)``.
+
+A run folder is held by one process at a time through an exclusive lock on ``.tpm.lock``
+(``filelock``, an OS-level lock released when the process dies). ``overwrite`` moves the previous
+run into ``.previous-run/`` and deletes it only once the new run has completed an iteration; a new
+run that fails before that puts the previous one back.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 RUN_MARKERS = (CHECKPOINTS, "policy", "run.json")
+# Everything a run writes at the top of its folder (moved aside as a whole by overwrite).
+RUN_FILES = (*RUN_MARKERS, "logs", "policy_last", "config.yaml", "report.json", "report.md", "report.png")
+LOCK_FILE = ".tpm.lock"
+PREVIOUS = ".previous-run"
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -40,28 +51,140 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(root, max(done, key=lambda d: int(d.split("-")[1])))
 
 
+def has_run(output_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS)
+
+
+def resume_checkpoint(config: GRPOConfig) -> str:
+    """The checkpoint ``config.resume`` names: ``latest`` in output_dir, a checkpoint folder, or a run folder."""
+    target = config.resume
+    if target == "latest":
+        path = latest_checkpoint(config.output_dir)
+        if path is None:
+            raise GRPOConfigError(f"--resume: {config.output_dir} has no checkpoint to resume from; drop --resume "
+                                  "to start a new run")
+        return path
+    if os.path.isfile(os.path.join(target, STATE_FILE)):
+        return target
+    if os.path.isdir(target):
+        path = latest_checkpoint(target)
+        if path is not None:
+            return path
+    raise GRPOConfigError(f"--resume {target}: not a checkpoint folder (with {STATE_FILE}) nor a run folder "
+                          "holding one; give 'latest', a checkpoints/checkpoint-N folder or a run folder")
+
+
 def check_output_dir(config: GRPOConfig) -> bool:
     """Refuse a folder holding another run unless resuming / overwriting; True if it must be cleared."""
     out = config.output_dir
-    has_run = any(os.path.exists(os.path.join(out, m)) for m in RUN_MARKERS)
-    if config.resume:
-        if latest_checkpoint(out) is None:
-            raise GRPOConfigError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start")
+    if config.resume is not None:
+        path = resume_checkpoint(config)
+        inside = os.path.commonpath([os.path.abspath(path), os.path.abspath(out)]) == os.path.abspath(out)
+        if not inside and has_run(out):
+            raise GRPOConfigError(f"--resume {config.resume}: resuming into {out}, which holds another run; "
+                                  "choose an empty --output-dir")
         return False
-    if has_run and not config.overwrite:
+    if has_run(out) and not config.overwrite:
         raise GRPOConfigError(f"{out} holds another run; pass --resume to continue it, --overwrite to "
                               "replace it, or choose another --output-dir")
-    return has_run
+    return has_run(out)
+
+
+def set_aside(output_dir: str) -> str | None:
+    """Move a previous run's files into ``output_dir/.previous-run`` (renames: nothing is copied or lost)."""
+    previous = os.path.join(output_dir, PREVIOUS)
+    if os.path.exists(previous):  # an earlier overwrite that never completed an iteration: that run is the one to keep
+        restore_previous(output_dir)
+    names = [m for m in RUN_FILES if os.path.lexists(os.path.join(output_dir, m))]
+    if not names:
+        return None
+    os.makedirs(previous)
+    for m in names:
+        os.replace(os.path.join(output_dir, m), os.path.join(previous, m))
+    return previous
+
+
+def restore_previous(output_dir: str) -> bool:
+    """Put a run set aside by :func:`set_aside` back, discarding what the failed new run wrote."""
+    previous = os.path.join(output_dir, PREVIOUS)
+    if not os.path.isdir(previous):
+        return False
+    for m in RUN_FILES:
+        _remove(os.path.join(output_dir, m))
+    for m in os.listdir(previous):
+        os.replace(os.path.join(previous, m), os.path.join(output_dir, m))
+    os.rmdir(previous)
+    return True
+
+
+def recover(output_dir: str) -> bool:
+    """Put back a run that an ``overwrite`` killed before its first iteration had set aside (call with the
+    lock held, before looking at the folder); True if one was restored."""
+    if not os.path.isdir(os.path.join(output_dir, PREVIOUS)):
+        return False
+    restore_previous(output_dir)
+    print(f"{output_dir}: restored the run that an interrupted --overwrite had set aside")
+    return True
+
+
+def discard_previous(output_dir: str) -> None:
+    """Delete the run set aside by :func:`set_aside` (the new run has started cleanly)."""
+    _remove(os.path.join(output_dir, PREVIOUS))
 
 
 def clear_run(output_dir: str) -> None:
-    """Delete a previous run's files (checkpoints, policy, run.json, logs) from ``output_dir``."""
-    for m in (*RUN_MARKERS, "logs"):
-        path = os.path.join(output_dir, m)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    """Delete a previous run's files (checkpoints, policy, run.json, logs, report) from ``output_dir``."""
+    for m in RUN_FILES:
+        _remove(os.path.join(output_dir, m))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+# ---- the run folder's lock -------------------------------------------------------------------------
+_HELD: dict[str, list] = {}  # realpath -> [FileLock, count]: re-entrant within this process
+
+
+def acquire_lock(output_dir: str) -> str:
+    """Hold the run folder exclusively (re-entrant in one process); raises if another process holds it."""
+    from filelock import FileLock, Timeout
+
+    os.makedirs(output_dir, exist_ok=True)
+    key = os.path.realpath(output_dir)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    lock = FileLock(os.path.join(output_dir, LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise GRPOConfigError(f"{output_dir} is in use by another training process (lock {LOCK_FILE} is held); "
+                              "wait for it to finish or choose another --output-dir") from None
+    _HELD[key] = [lock, 1]
+    return key
+
+
+def release_lock(output_dir: str) -> None:
+    key = os.path.realpath(output_dir)
+    if key not in _HELD:
+        return
+    _HELD[key][1] -= 1
+    if _HELD[key][1] == 0:
+        _HELD.pop(key)[0].release()
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """GRPO fields whose value differs between a checkpoint's config and this run's, except those a
+    resumed run may change (:data:`tpm.grpo.config.RESUMABLE_CHANGES`)."""
+    from tpm.grpo.config import RESUMABLE_CHANGES
+
+    keys = (set(saved) | set(current)) - set(RESUMABLE_CHANGES)
+    return {k: (saved.get(k, "<unset>"), current.get(k, "<unset>")) for k in sorted(keys)
+            if saved.get(k, "<unset>") != current.get(k, "<unset>")}
 
 
 BEST_WEIGHTS = "best_policy.safetensors"
@@ -97,10 +220,31 @@ def save_checkpoint(output_dir: str, iteration: int, policy, reference, optimize
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
-    done = sorted((d for d in os.listdir(root) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
-    for old in done[:-keep]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    prune_checkpoints(output_dir, keep)
     return path
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints (and leftovers of interrupted saves / prunes).
+
+    Each old checkpoint is first renamed out of the ``checkpoint-*`` names (atomic), then deleted, so
+    an interrupted prune never leaves a half-deleted folder that counts as a checkpoint; the trainer
+    calls this at every start too, so a kill between a save and its prune is made good even when no
+    further save comes (a run killed after its last checkpoint, then resumed).
+    """
+    root = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    done = sorted((d for d in os.listdir(root) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    removed = []
+    for old in done[:-keep]:
+        trash = os.path.join(root, f".trash-{old}")
+        os.replace(os.path.join(root, old), trash)
+        removed.append(old)
+    for d in os.listdir(root):
+        if d.startswith(".trash-"):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return removed
 
 
 def load_best(path: str) -> dict[str, torch.Tensor] | None:

@@ -12,8 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tpm.typed_config import ConfigError, coerce, field_types
 
-class GRPOConfigError(ValueError):
+
+class GRPOConfigError(ConfigError):
     """A GRPO configuration that cannot run; the message names the field to change."""
 
 
@@ -21,6 +23,10 @@ RATIO_MODES = ("trajectory", "step")
 GROUP_NOISE = ("distinct", "shared")
 ADVANTAGE_SCALES = ("group", "batch")
 LR_SCHEDULES = ("constant", "cosine")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+# Fields a resumed run may change: they decide how long and how visibly it runs, not what it learns.
+RESUMABLE_CHANGES = ("output_dir", "resume", "overwrite", "accept_config_changes", "max_iterations", "save_every",
+                     "keep_checkpoints", "eval_every", "progress", "report_to")
 
 
 @dataclass
@@ -29,8 +35,18 @@ class GRPOConfig:
     output_dir: str = field(default="outputs/grpo", metadata={"help": "Run folder: checkpoints/, logs/, policy/."})
     max_iterations: int = field(default=4000, metadata={"help": "GRPO iterations (one batch of rollouts each)."})
     seed: int = field(default=42, metadata={"help": "Seeds prompt order, initial noises, action sampling and shuffles."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete a previous run in output_dir and start over."})
+    resume: bool | str | None = field(default=None, metadata={
+        "help": "Continue a run: 'latest' (or true) = the newest checkpoint in output_dir, or a checkpoint / run "
+                "folder path. Refused when the config differs from the checkpoint's (see accept_config_changes)."})
+    accept_config_changes: bool = field(default=False, metadata={
+        "help": "On resume, continue although the config differs from the checkpoint's (the changes are printed). "
+                "max_iterations, save_every, keep_checkpoints, eval_every, progress and report_to may always change."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a previous run in output_dir: it is moved aside and deleted once the new run has "
+                "completed its first iteration (restored if the new run fails before)."})
+    report_to: str = field(default="tensorboard", metadata={
+        "help": "Experiment trackers, through accelerate: tensorboard, wandb (pip install tpm[wandb]), several "
+                "separated by commas, 'all' or 'none'. Logs go to output_dir/logs."})
     # --- rollouts -----------------------------------------------------------------------------
     group_size: int = field(default=16, metadata={"help": "G: samples per prompt from different noises (AsyncDiff: 16)."})
     batch_size: int = field(default=16, metadata={
@@ -83,6 +99,19 @@ class GRPOConfig:
             if not cond:
                 raise GRPOConfigError(msg)
 
+        types = field_types(GRPOConfig)
+        try:  # every field to its annotated type (YAML reads 1e-4 as a string; 2.5 is no iteration count)
+            for f in dataclasses.fields(self):
+                setattr(self, f.name, coerce(getattr(self, f.name), types[f.name], f.name))
+        except GRPOConfigError:
+            raise
+        except ConfigError as e:
+            raise GRPOConfigError(str(e)) from None
+        if self.resume is True:
+            self.resume = "latest"
+        elif self.resume is False or self.resume == "":
+            self.resume = None
+
         for name in ("max_iterations", "group_size", "batch_size", "rollout_batch_size", "minibatch_size",
                      "gradient_accumulation", "epochs", "keep_checkpoints", "eval_noise_sets"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -102,12 +131,24 @@ class GRPOConfig:
         for name in ("weight_decay", "max_grad_norm", "kl_coef"):
             v = float(getattr(self, name))
             need(math.isfinite(v) and v >= 0, f"{name} must be a number >= 0, got {v}")
-        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other: pick one")
+        need(not (self.resume is not None and self.overwrite), "resume and overwrite exclude each other: pick one")
         need(not self.keep_best or self.eval_prompts > 0,
              "keep_best selects on held-out evaluations: set eval_prompts > 0 (and eval_every)")
         if self.num_inference_steps is not None:
             need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            need(v is None or v >= 1, f"{name} must be a positive number of pixels, got {v}")
+        trackers = self.trackers()
+        known = TRACKERS + ("all",)
+        need(all(t in known for t in trackers),
+             f"report_to must name trackers among {known} (or 'none'), separated by commas; got {self.report_to!r}")
         need(isinstance(self.sample_kwargs, dict), "sample_kwargs must be a mapping of tpm.sample arguments")
+
+    def trackers(self) -> list[str]:
+        """``report_to`` as a list for ``accelerate.Accelerator(log_with=...)`` (empty: no tracker)."""
+        names = [t.strip().lower() for t in self.report_to.split(",") if t.strip()]
+        return [] if names in ([], ["none"]) else names
 
     def check_processes(self, num_processes: int) -> int:
         """Samples per process; raises when the batch does not split into whole minibatches per process."""

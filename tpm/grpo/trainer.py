@@ -49,6 +49,22 @@ from tpm.policy import TrainablePolicy
 logger = logging.getLogger("tpm.grpo")
 
 
+def make_accelerator(config: GRPOConfig, **kwargs):
+    """An ``accelerate.Accelerator`` logging to ``config.report_to`` in OUTPUT/logs; a tracker whose package
+    is missing is an error (accelerate would drop it silently)."""
+    from accelerate import Accelerator
+    from accelerate.tracking import get_available_trackers
+
+    names = config.trackers()
+    available = {str(t) for t in get_available_trackers()}
+    missing = [t for t in names if t != "all" and t not in available]
+    if missing:
+        raise GRPOConfigError(f"report_to {config.report_to!r}: the package for {', '.join(missing)} is not "
+                              f"installed (pip install {' '.join(missing)}; wandb: pip install 'tpm[wandb]'), or "
+                              "use report_to: tensorboard")
+    return Accelerator(log_with=names or None, project_dir=os.path.join(config.output_dir, "logs"), **kwargs)
+
+
 def lr_factor(config: GRPOConfig, iteration: int) -> float:
     """Learning-rate multiplier after ``iteration`` updates: linear warm-up, then constant or cosine to 0."""
     warm = config.warmup_iterations
@@ -79,12 +95,15 @@ class GRPOTrainer:
         reward: a :class:`tpm.grpo.reward.TrainingReward`, or a callable ``(images, prompts) -> scores``
             (with ``combine`` when it returns a mapping of metrics).
         train_prompts / eval_prompts: prompt lists; eval prompts are scored with deterministic actions.
-        accelerator: an ``accelerate.Accelerator``; by default one logging to tensorboard in OUTPUT/logs.
+        accelerator: an ``accelerate.Accelerator``; by default :func:`make_accelerator` (``report_to``).
+        run_config: JSON-able settings beyond ``config`` (the recipe's model, policy, rewards...), stored in
+            every checkpoint so that a resume can refuse a changed run (:func:`tpm.grpo.checkpoint.config_changes`).
     """
 
     def __init__(self, config: GRPOConfig, policy: TrainablePolicy, pipe, reward: Callable | TrainingReward,
                  train_prompts: Sequence[str], eval_prompts: Sequence[str] | None = None, *, accelerator=None,
-                 combine: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None):
+                 combine: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+                 run_config: dict[str, Any] | None = None):
         if not isinstance(policy, TrainablePolicy):
             raise GRPOConfigError(f"{type(policy).__name__} cannot be trained with GRPO: it is not a "
                                   "TrainablePolicy (use policies.TPM, policies.VelocityScale or policies.FieldPolicy)")
@@ -97,11 +116,8 @@ class GRPOTrainer:
         self.train_prompts = list(train_prompts)
         self.eval_prompts = list(eval_prompts or [])[: config.eval_prompts] if config.eval_prompts else []
         self.log_dir = os.path.join(config.output_dir, "logs")
-        if accelerator is None:
-            from accelerate import Accelerator
-
-            accelerator = Accelerator(log_with="tensorboard", project_dir=self.log_dir)
-        self.accelerator = accelerator
+        self.run_config = dict(run_config or {})
+        self.accelerator = accelerator = accelerator if accelerator is not None else make_accelerator(config)
         self.local_batch = config.check_processes(accelerator.num_processes)
         self.device = accelerator.device
         self.policy.to(self.device)
@@ -125,17 +141,36 @@ class GRPOTrainer:
 
     # ---- output folder and checkpoints -----------------------------------------------------------
     def _prepare_output(self) -> None:
+        """Lock the run folder (main process), check it, move a run to overwrite aside, prune leftovers."""
         cfg = self.config
+        if self.accelerator.is_main_process:
+            ckpt.acquire_lock(cfg.output_dir)
+            ckpt.recover(cfg.output_dir)
+        self.accelerator.wait_for_everyone()
         clear = ckpt.check_output_dir(cfg)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             if clear:
-                ckpt.clear_run(cfg.output_dir)
+                ckpt.set_aside(cfg.output_dir)
             os.makedirs(cfg.output_dir, exist_ok=True)
+            ckpt.prune_checkpoints(cfg.output_dir, cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
     def latest_checkpoint(self) -> str | None:
         return ckpt.latest_checkpoint(self.config.output_dir)
+
+    def check_resume(self, path: str) -> dict[str, tuple[Any, Any]]:
+        """Config changes against checkpoint ``path``; raises unless they are accepted (``accept_config_changes``)."""
+        with open(os.path.join(path, ckpt.STATE_FILE)) as f:
+            saved = json.load(f)
+        changes = ckpt.config_changes(saved.get("config", {}), self.config.to_dict())
+        changes.update({f"run.{k}": v for k, v in ckpt.config_changes(saved.get("run_config") or {},
+                                                                        self.run_config).items()})
+        if changes and not self.config.accept_config_changes:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+            raise GRPOConfigError(f"--resume {path}: the config differs from the checkpoint's ({listed}); pass "
+                                  "--accept-config-changes to continue with the new values, or restore them")
+        return changes
 
     def save_checkpoint(self) -> str | None:
         """Write checkpoint-<iteration> atomically (main process); returns its path there."""
@@ -144,7 +179,7 @@ class GRPOTrainer:
         path = None
         if acc.is_main_process:
             state = {"history": self.history, "config": self.config.to_dict(), "initial_eval": self.initial_eval,
-                     "best": self.best}
+                     "best": self.best, "run_config": self.run_config}
             path = ckpt.save_checkpoint(self.config.output_dir, self.iteration, self.policy, self.reference,
                                         self.optimizer, self.scheduler, state, self.config.keep_checkpoints,
                                         best=self.best_weights)
@@ -331,13 +366,30 @@ class GRPOTrainer:
 
     # ---- the loop --------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Train, export, return the result; the run folder is locked meanwhile (see :mod:`tpm.grpo.checkpoint`)."""
+        try:
+            self._prepare_output()
+            return self._train()
+        except BaseException:
+            # failed before its first iteration completed: the overwritten run is put back (a no-op after)
+            if self.accelerator.is_main_process and self.config.overwrite:
+                ckpt.restore_previous(self.config.output_dir)
+            raise
+        finally:
+            if self.accelerator.is_main_process:
+                ckpt.release_lock(self.config.output_dir)
+
+    def _train(self) -> TrainResult:
         cfg, acc = self.config, self.accelerator
-        self._prepare_output()
-        if cfg.resume:
-            path = self.latest_checkpoint()
+        if cfg.resume is not None:
+            path = ckpt.resume_checkpoint(cfg)
+            changes = self.check_resume(path)
             self.load_checkpoint(path)
             if acc.is_main_process:
-                print(f"resumed from {path} at iteration {self.iteration}")
+                accepted = (" with changed " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                            if changes else "")
+                print(f"resumed from {path} at iteration {self.iteration} of {cfg.max_iterations}{accepted}",
+                      flush=True)
         elif acc.num_processes > 1:
             from accelerate.utils import broadcast
 
@@ -352,6 +404,8 @@ class GRPOTrainer:
                    disable=not (cfg.progress and acc.is_main_process))
         while self.iteration < cfg.max_iterations:
             rec = self.train_iteration()
+            if acc.is_main_process and len(self.history) == 1 and cfg.overwrite:
+                ckpt.discard_previous(cfg.output_dir)  # the new run has started cleanly
             bar.update(1)
             bar.set_postfix(reward=rec.get("reward/total", math.nan), skipped=int(rec["skipped"]))
             done = self.iteration == cfg.max_iterations
