@@ -235,6 +235,9 @@ def run(cfg: RecipeConfig) -> Any:
         if acc.is_main_process:
             write_report(report, trainer, g.output_dir)
     if acc.is_main_process:
+        from tpm.model_card import write_run_cards  # README.md cards: backbone, reward, GRPO config, report
+
+        write_run_cards(trainer.policy.card_info(), g.output_dir, dataclasses.asdict(cfg), report if evals else None)
         print(f"policy: {result.policy_dir}  (load with policies.load({result.policy_dir!r}))")
         print(f"logs:   {result.log_dir}  (tensorboard --logdir {result.log_dir})")
         print(f"checkpoints: {os.path.join(g.output_dir, 'checkpoints')}")
