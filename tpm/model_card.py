@@ -58,7 +58,10 @@ def policy_card(info: dict[str, Any], *, recipe: dict[str, Any] | None = None, r
     lines = [f"# `{name}` timestep policy", ""]
     if note:
         lines += [note, ""]
-    lines += [f"{info['summary']}", "",
+    lines += [f"{info['summary']}", ""]
+    if info.get("detail"):
+        lines += [f"This policy: {info['detail']}", ""]
+    lines += [
               "A *timestep policy* decides, at every denoising step of a diffusers text-to-image pipeline, "
               "how far each image token moves and which time the denoiser is told; the backbone is unchanged. "
               "This folder is a policy exported by the `tpm` library: `config.json` (+ `model.safetensors` "
@@ -81,11 +84,12 @@ def policy_card(info: dict[str, Any], *, recipe: dict[str, Any] | None = None, r
 def _eval_results(report: dict[str, Any], name: str, EvalResult) -> list:
     out = []
     for label, row in report.get("rows", {}).items():
+        if "steps" not in label:  # "policy after training": at the run's step count
+            label = f"{label}, {report.get('steps')} steps"
         for metric, value in row.get("mean", {}).items():
             out.append(EvalResult(task_type="text-to-image", dataset_type="tpm-prompts",
                                   dataset_name=str(report.get("prompts")), metric_type=metric,
-                                  metric_value=float(value), metric_name=f"{metric} ({label})",
-                                  metric_config=f"{report.get('steps')} steps", verified=False))
+                                  metric_value=float(value), metric_name=f"{metric} ({label})", verified=False))
     return out
 
 
@@ -122,10 +126,10 @@ def _report_section(report: dict[str, Any], recipe: dict[str, Any]) -> list[str]
     metrics = list(next(iter(report["rows"].values()))["mean"]) if report.get("rows") else []
     k = report.get("steps")
     lines = ["## Held-out results", "",
-             f"As printed by the training run: `{report.get('prompts')}`, {report.get('n')} prompts x "
-             f"{report.get('noise_sets')} noise sets (evaluation noise seeds 0..{(report.get('noise_sets') or 1) - 1} "
-             "of `tpm.grpo.evaluation.evaluation_seeds`), the same noise for every row; policies act "
-             "deterministically. Differences: paired bootstrap over prompts, 95 %.", "",
+             f"As printed by the training run, at {k} steps unless a row says otherwise: "
+             f"`{report.get('prompts')}`, {report.get('n')} prompts x {report.get('noise_sets')} noise sets "
+             f"(noise sets {_seeds(report)} of `tpm.grpo.evaluation.evaluation_seeds`), the same noise for every "
+             "row; policies act deterministically. Differences: paired bootstrap over prompts, 95 %.", "",
              "| method | " + " | ".join([*metrics, *[f"{m} minus synchronous@{k}" for m in metrics]]) + " |",
              "|" + "---|" * (1 + 2 * len(metrics))]
     for label, row in report.get("rows", {}).items():
@@ -138,6 +142,13 @@ def _report_section(report: dict[str, Any], recipe: dict[str, Any]) -> list[str]
         lines += ["", f"The exported policy was selected on these prompts (iteration {sel['iteration']}, keep_best), "
                   "so its row is optimistic: see a comparison on other prompts and seeds for a claim."]
     return [*lines, ""]
+
+
+def _seeds(report: dict[str, Any]) -> str:
+    seeds = report.get("noise_seeds")  # a report that names them; else the trainer's default, sets 0..n-1
+    if seeds is None:
+        seeds = list(range(int(report.get("noise_sets") or 1)))
+    return ", ".join(str(x) for x in seeds)
 
 
 def _usage_section(name: str, model: str | None, recipe: dict[str, Any] | None) -> list[str]:
@@ -209,9 +220,11 @@ def add_comparison(card_dir: str | os.PathLike, compare_dir: str | os.PathLike, 
                                 "(export one with policy.save_pretrained)")
     with open(summary) as f:
         body = f.read().strip()
-    body = re.sub(r"^(#+) ", r"#\1 ", body, flags=re.M)  # its headings one level down, under ours
+    if body.startswith("# "):  # its title: our heading replaces it
+        body = body.partition("\n")[2].strip()
+    body = re.sub(r"^(#+) ", r"#\1 ", body, flags=re.M)  # its sections one level down, under ours
     section = "\n".join([BEGIN_COMPARISON, heading or "## Comparison (`tpm compare`)", "",
-                         f"From `{os.path.abspath(compare_dir)}`:", "", body, END_COMPARISON])
+                         f"`summary.md` of `{os.fspath(compare_dir)}`:", "", body, END_COMPARISON])
     card = ModelCard.load(card_path)
     text = card.text
     if BEGIN_COMPARISON in text and END_COMPARISON in text:

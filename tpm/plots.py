@@ -71,6 +71,8 @@ def field_strip(trajectory, path: str | os.PathLike, sample: int = 0, max_steps:
             im = ax.imshow(f, **scales[label])
             if r == 0:
                 ax.set_title(f"k={s}", fontsize=8)
+            if label == "tau_cond - tau":  # a TPM's deviation is one number per step: print it
+                ax.set_xlabel(f"mean {float(f.mean()):+.3f}", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])  # keep the frame: an all-ones mask is white on white
         axes[r][0].text(-0.1, 0.5, label.replace("tau", "\u03c4"), transform=axes[r][0].transAxes, ha="right",

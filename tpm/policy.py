@@ -194,9 +194,15 @@ class Policy(nn.Module):
 
     def card_info(self) -> dict[str, Any]:
         """What a model card says about this policy (:mod:`tpm.model_card`)."""
-        doc = (sys.modules[type(self).__module__].__doc__ or type(self).__doc__ or "").strip()
+        def first_paragraph(doc):
+            return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+        own = first_paragraph(type(self).__doc__).replace(": see the module docstring.", ".")
+        module = sys.modules[type(self).__module__]
+        # A policy family's module docstring names the method; tpm.policy's describes the interface.
+        summary = own if module.__name__ == __name__ else first_paragraph(module.__doc__)
         return {"policy": self.policy_name, "class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "summary": doc.split("\n\n")[0].replace("\n", " "), "paper": self.paper,
+                "summary": summary, "detail": own if own != summary else "", "paper": self.paper,
                 "config": self.config_dict(), "parameters": sum(p.numel() for p in self.parameters()),
                 "stochastic": self.stochastic}
 
