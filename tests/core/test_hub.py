@@ -181,3 +181,26 @@ def test_push_to_hub_uploads_the_exported_folder_with_its_card(tmp_path, offline
     np.testing.assert_allclose(_images(pipe, policies.load("me/my-tpm")), _images(pipe, policy), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="not a Hub repo id"):
         policy.push_to_hub("me/my-tpm@dev")
+
+
+@pytest.mark.parametrize("error,message", [("RepositoryNotFoundError", "was not found, or it is private or gated"),
+                                           ("RevisionNotFoundError", "has no revision 'nope'")])
+def test_hub_answers_become_one_clear_error(monkeypatch, error, message):
+    """What huggingface_hub raises online for a missing repo or revision (no network: raised by a stand-in)."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    class Response:  # what huggingface_hub's HTTP errors read of a response
+        headers: dict = {}
+        status_code = 404
+        request = None
+
+        def json(self):
+            return {}
+
+    def download(*args, **kwargs):
+        raise getattr(errors, error)("404 Client Error", response=Response())
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(PolicyError, match=message):
+        policies.load("org/name", revision="nope")
