@@ -2,7 +2,8 @@
 
 ``policies.load(name_or_path, **options)`` builds a registered policy by name (e.g.
 ``"synchronous"``, ``"asyndm"``, ``"asyndm:piecewise_linear"``) or restores an exported one
-from a directory holding ``config.json`` (+ ``model.safetensors``).
+from a directory holding ``config.json`` (+ ``model.safetensors``) or from a Hub repo id
+(``"org/name"``, through huggingface_hub's cache).
 """
 
 from __future__ import annotations
@@ -42,25 +43,35 @@ def available() -> list[str]:
     return sorted(set(PRESETS) | set(registered_policies()))
 
 
-def load(name_or_path: str | os.PathLike, **options) -> Policy:
-    """A policy by registered name / preset, or from an exported directory.
+def load(name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+         **options) -> Policy:
+    """A policy by registered name / preset, from an exported directory, or from a Hub repo.
 
     Names take variant words and options after colons: ``"asyndm:exponential"``,
     ``"dm_concave:weight=0.5"``, ``"shifted_grid:shift=2.5"``; keyword ``options`` are added on top.
+    A Hub repo id ``"org/name"`` (``"org/name@rev"``, or ``revision=`` a branch, tag or commit) is
+    read through huggingface_hub's cache, offline too when it is cached (:mod:`tpm.hub`); an
+    existing local folder of the same name wins (write ``./org/name`` to be explicit).
     """
+    from tpm.hub import HubError, is_repo_id, resolve
+
     key = str(name_or_path)
     base_name = key.partition(":")[0]
     # Names win over same-named folders (running from the repo root, "tpm" is also a directory).
     is_name = base_name in PRESETS or base_name in registered_policies()
+    if not is_name and not os.path.isdir(key) and is_repo_id(key):
+        try:
+            folder = resolve(key, revision=revision, token=token)
+        except HubError as e:  # say both readings: a mistyped local path looks like a repo id
+            raise PolicyError(f"no local folder {key!r}, and as a Hub repo id: {e}") from None
+        try:
+            return _from_folder(folder, options)
+        except PolicyError as e:
+            raise PolicyError(f"Hub repo {key!r} holds no usable tpm policy: {e}") from None
+    if revision is not None:
+        raise PolicyError(f"revision={revision!r} applies to Hub repo ids (org/name); {key!r} is not one")
     if not is_name and (os.path.isdir(key) or os.sep in key or key.startswith(".")):
-        cfg = read_policy_config(key)
-        cls = registered_policies().get(cfg["policy"])
-        if cls is None:
-            raise PolicyError(f"{key} holds policy {cfg['policy']!r}, which is not registered; known: {available()}")
-        policy = cls.from_pretrained(key)
-        if options:
-            raise PolicyError("options cannot be combined with a saved policy directory; edit its config.json")
-        return policy
+        return _from_folder(key, options)
     try:
         base, words, named = parse_spec(key)
     except LoadError as e:
@@ -80,6 +91,16 @@ def load(name_or_path: str | os.PathLike, **options) -> Policy:
     opts.update(named)
     opts.update(options)
     return registered_policies()[reg](**opts)
+
+
+def _from_folder(path: str, options: dict) -> Policy:
+    cfg = read_policy_config(path)
+    cls = registered_policies().get(cfg["policy"])
+    if cls is None:
+        raise PolicyError(f"{path} holds policy {cfg['policy']!r}, which is not registered; known: {available()}")
+    if options:
+        raise PolicyError("options cannot be combined with a saved policy directory; edit its config.json")
+    return cls.from_pretrained(path)
 
 
 def _variant_options(base: str, variant: str) -> dict:

@@ -130,6 +130,8 @@ class ConcaveConfig:
 class Concave(Policy):
     """AsynDM (``mask="cross_attention"``), its fixed-mask ablation, user masks, and DM_concave."""
 
+    paper = "AsynDM: Asynchronous Denoising Diffusion Models for Aligning Text-to-Image Generation (concave schedules, Prop. 1; cross-attention masks, Eq. 7)"
+
     config_class = ConcaveConfig
 
     def __init__(self, config: ConcaveConfig | None = None, user_mask: torch.Tensor | None = None, **kwargs):

@@ -241,6 +241,9 @@ def _upsample(groups: torch.Tensor, patch: int) -> torch.Tensor:
 class FieldPolicy(TrainablePolicy):
     """Per-token time fields learned with GRPO; see the module docstring."""
 
+    paper = ("none directly: AsynDM names learned per-pixel schedules as future work; trained with "
+             "AsyncDiff's GRPO (Eq. 14-16)")
+
     config_class = FieldConfig
     static_inputs = ("text", "pooled")
 

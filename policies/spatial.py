@@ -60,6 +60,8 @@ class Inpaint(Policy):
     ``image_latents`` (B or 1, N, C_tok) and ``known`` (B or 1, h, w) bool.
     """
 
+    paper = "AsyncPatch Diffusion: spatially-flexible image generation (zero-shot inpainting as a spatial schedule, §3.2-3.3)"
+
     config_class = InpaintConfig
 
     def __init__(self, config: InpaintConfig | None = None, image_latents: torch.Tensor | None = None,
@@ -238,6 +240,8 @@ def stage_bounds(num_steps: int, num_groups: int) -> list[int]:
 @register_policy("raster")
 class Raster(Policy):
     """AsyncPatch's autoregressive schedule: groups denoised one after another in raster order."""
+
+    paper = "AsyncPatch Diffusion: spatially-flexible image generation (autoregressive raster schedule, §3.2)"
 
     config_class = RasterConfig
 

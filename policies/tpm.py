@@ -247,6 +247,9 @@ class BetaPolicy(TrainablePolicy):
 class TPM(BetaPolicy):
     """AsyncDiff's asynchronous inference (Eq. 6-18, Algorithm 2): see the module docstring."""
 
+    paper = ("AsyncDiff: Asynchronous Timestep Conditioning for Enhanced Text-to-Image Diffusion Inference "
+             "(Timestep Prediction Module, Eq. 6-7, 12-13, 17-18; trained with GRPO, Eq. 14-16)")
+
     def act(self, state: State) -> Action:
         cfg = self.config
         memory = state.memory
@@ -286,6 +289,8 @@ class ConstantDeviation(Policy):
     The fixed family a TPM has to beat: if the same r for every prompt and state were as good as
     the trained network, the network learned nothing a constant could not.
     """
+
+    paper = "AsyncDiff: Asynchronous Timestep Conditioning for Enhanced Text-to-Image Diffusion Inference (the TPM's action with a fixed r, Eq. 6)"
 
     config_class = ConstantDeviationConfig
 

@@ -108,6 +108,8 @@ class UncertaintyPatchesConfig:
 class UncertaintyPatches(Policy):
     """AsyncPatch §5.5: low-uncertainty patches take larger time decrements, all end at 0 at step K."""
 
+    paper = "AsyncPatch Diffusion: spatially-flexible image generation (uncertainty-guided acceleration, §5.5)"
+
     config_class = UncertaintyPatchesConfig
 
     def __init__(self, config: UncertaintyPatchesConfig | None = None, **kwargs):

@@ -23,6 +23,8 @@ from tpm.policy import Action, State, register_policy
 class VelocityScale(BetaPolicy):
     """Per-sample step scale w = 0.5 + r (AsyncDiff Eq. 20) learned with GRPO."""
 
+    paper = "AsyncDiff: Asynchronous Timestep Conditioning for Enhanced Text-to-Image Diffusion Inference (velocity scaling, §5, Eq. 19-20)"
+
     def act(self, state: State) -> Action:
         cfg = self.config
         memory = state.memory

@@ -64,7 +64,7 @@ def resolve_policies(specs: str | Sequence | dict) -> dict[str, Any]:
                     pol[label] = policy_lib.load(p)
                 except (policy_lib.PolicyError, FileNotFoundError) as e:
                     raise CompareError(f"policy {p!r}: {e}\nvalid names: {', '.join(policy_lib.available())}, "
-                                       "or an exported policy directory (with config.json)") from None
+                                       "an exported policy directory (with config.json) or a Hub repo id") from None
             else:
                 pol[label] = p
     if not pol:
@@ -296,6 +296,13 @@ def cmd_compare(args) -> int:
     )
     with open(result.files["summary"]) as f:
         print(f.read())
+    for card_dir in args.add_to_card or []:
+        from tpm.model_card import add_comparison
+
+        try:
+            result.files[f"card:{card_dir}"] = add_comparison(card_dir, args.out)
+        except FileNotFoundError as e:
+            raise CLIError(str(e)) from None
     print(json.dumps(result.files, indent=1))
     return 0
 
@@ -308,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora", action="append", default=None,
                    help="LoRA adapter to load into the backbone: a diffusers LoRA file/folder/hub id or a peft "
                         "adapter folder, optionally PATH:SCALE; repeat or comma-separate for several")
-    s.add_argument("--policy", default="synchronous", help="policy name (e.g. asyndm, asyndm:exponential) or directory")
+    s.add_argument("--policy", default="synchronous",
+                   help="policy name (e.g. asyndm, asyndm:exponential), exported directory, or Hub repo id org/name[@rev]")
     s.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     s.add_argument("--steps", type=int, default=None, help="number of denoising steps (pipeline default)")
     s.add_argument("--guidance-scale", type=float, default=None,
@@ -319,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed..seed+n-1)")
     s.add_argument("--device", default=None)
     s.add_argument("--out", default="outputs/samples")
-    s.add_argument("--save-fields", action="store_true", help="also write a PNG strip of the field and mask per step")
+    s.add_argument("--save-fields", action="store_true",
+                   help="also write a PNG strip per image: tau, tau_cond - tau (if the policy sets it) and mask per step")
     s.add_argument("--image", default=None, help="inpainting: the known image (PNG); needs --mask")
     s.add_argument("--mask", default=None, help="inpainting: binary mask of the image's size, white = generate")
     s.add_argument("--input-guidance", type=float, default=0.0,
@@ -328,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the known region is re-noised to for input guidance, in (0, 1]")
     c = sub.add_parser("compare", help="compare policies on a prompt set with the same seeds (table, grid, plots)")
     c.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                   help="comma-separated policy names or exported directories; the first is the reference")
+                   help="comma-separated policy names, exported directories or Hub repo ids; the first is the reference")
     c.add_argument("--prompts", default=DEFAULT_PROMPTS,
                    help="prompt set name (testbed:val, animal-activity, drawbench=FILE_OR_ID, ...), a file or a hub id")
     c.add_argument("--rewards", default=None,
@@ -354,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.add_argument("--out", default="outputs/compare")
     c.add_argument("--overwrite", action="store_true", help="discard the cache in --out instead of resuming")
+    c.add_argument("--add-to-card", action="append", metavar="POLICY_DIR",
+                   help="put summary.md into this exported policy folder's README.md card (repeat for several)")
     sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
                    "accelerate launch -m tpm.train)")
     # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.

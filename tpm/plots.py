@@ -1,4 +1,5 @@
-"""Pictures of what a policy did: the time field and mask over the steps, image grids (PNG)."""
+"""Pictures of what a policy did: the time fields (update and conditioning) and mask over the steps,
+image grids (PNG)."""
 
 from __future__ import annotations
 
@@ -8,36 +9,76 @@ import numpy as np
 import torch
 
 
-def field_strip(trajectory, path: str | os.PathLike, sample: int = 0, max_steps: int = 12) -> str:
-    """One PNG: row 1 the update field tau_k per step, row 2 the policy's mask (if any).
+def strip_steps(num_steps: int, max_steps: int = 12) -> list[int]:
+    """The steps a strip shows: all of them, or ``max_steps`` spread evenly (first and last kept)."""
+    if num_steps <= max_steps:
+        return list(range(num_steps))
+    return np.linspace(0, num_steps - 1, max_steps).round().astype(int).tolist()
 
-    Colour scale is fixed to [0, 1] (1 = noise) so strips from different policies compare.
+
+def conditioning_shift(trajectory, sample: int | None = None) -> float:
+    """Largest |tau_cond - tau_k| over the steps (and tokens): how far the denoiser was told another
+    time than the latent's own (0 for policies that leave ``tau_cond`` unset)."""
+    pick = (lambda f: f) if sample is None else (lambda f: f[sample])
+    shifts = [float((pick(c).float() - pick(t).float()).abs().max())
+              for c, t in zip(trajectory.tau_cond, trajectory.tau)]
+    return max(shifts, default=0.0)
+
+
+def field_rows(trajectory, sample: int = 0, max_steps: int = 12, atol: float = 1e-6) -> dict[str, list]:
+    """The rows of :func:`field_strip` as ``{label: [(h, w) array per shown step]}``.
+
+    ``"tau"``: the update field tau_k the step starts from; ``"tau_cond - tau"`` (only when a
+    policy set ``tau_cond`` away from tau_k somewhere, e.g. AsyncDiff's TPM): the conditioning
+    deviation, what the denoiser was told minus the latent's time; ``"mask"`` (only when a policy
+    returned one; zeros where a step had none).
+    """
+    steps = strip_steps(trajectory.num_steps, max_steps)
+    rows = {"tau": [trajectory.tau[s][sample].float().numpy() for s in steps]}
+    if conditioning_shift(trajectory, sample) > atol:
+        rows["tau_cond - tau"] = [(trajectory.tau_cond[s][sample].float() - trajectory.tau[s][sample].float()).numpy()
+                                  for s in steps]
+    if any(m is not None for m in trajectory.masks):
+        rows["mask"] = [np.zeros(trajectory.grid) if trajectory.masks[s] is None
+                        else trajectory.masks[s][sample].float().numpy() for s in steps]
+    return rows
+
+
+def field_strip(trajectory, path: str | os.PathLike, sample: int = 0, max_steps: int = 12) -> str:
+    """One PNG of what a policy did, a column per step (:func:`field_rows`): the update field tau_k;
+    the conditioning deviation tau_cond - tau_k when the policy set ``tau_cond`` (a TPM's update
+    field is the synchronous grid, so this row is where its decisions show); the mask, if any.
+
+    tau is drawn on a fixed [0, 1] scale (1 = noise) so strips from different policies compare; the
+    deviation on a diverging scale symmetric about 0 (red: told a noisier time, blue: a cleaner one).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = trajectory.num_steps
-    steps = list(range(k)) if k <= max_steps else np.linspace(0, k - 1, max_steps).round().astype(int).tolist()
-    has_mask = any(m is not None for m in trajectory.masks)
-    rows = 2 if has_mask else 1
-    fig, axes = plt.subplots(rows, len(steps), figsize=(1.4 * len(steps), 1.5 * rows + 0.4), squeeze=False)
-    for j, s in enumerate(steps):
-        ax = axes[0][j]
-        im = ax.imshow(trajectory.tau[s][sample].float().numpy(), vmin=0, vmax=1, cmap="magma")
-        ax.set_title(f"k={s}", fontsize=8)
-        ax.axis("off")
-        if has_mask:
-            m = trajectory.masks[s]
-            axes[1][j].imshow(np.zeros(trajectory.grid) if m is None else m[sample].float().numpy(),
-                              vmin=0, vmax=1, cmap="gray")
-            axes[1][j].set_xticks([])
-            axes[1][j].set_yticks([])  # keep the frame: an all-ones mask is white on white
-    axes[0][0].text(-0.5, 0.5, "tau", transform=axes[0][0].transAxes, ha="right", va="center", fontsize=8)
-    if has_mask:
-        axes[1][0].text(-0.5, 0.5, "mask", transform=axes[1][0].transAxes, ha="right", va="center", fontsize=8)
-    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
+    steps = strip_steps(trajectory.num_steps, max_steps)
+    rows = field_rows(trajectory, sample, max_steps)
+    fig, axes = plt.subplots(len(rows), len(steps), figsize=(1.4 * len(steps) + 0.6, 1.5 * len(rows) + 0.4),
+                             squeeze=False)
+    dev = rows.get("tau_cond - tau")
+    lim = max(max(float(np.abs(d).max()) for d in dev), 1e-6) if dev else 1.0
+    scales = {"tau": dict(vmin=0, vmax=1, cmap="magma"), "tau_cond - tau": dict(vmin=-lim, vmax=lim, cmap="RdBu_r"),
+              "mask": dict(vmin=0, vmax=1, cmap="gray")}
+    for r, (label, fields) in enumerate(rows.items()):
+        for j, (s, f) in enumerate(zip(steps, fields)):
+            ax = axes[r][j]
+            im = ax.imshow(f, **scales[label])
+            if r == 0:
+                ax.set_title(f"k={s}", fontsize=8)
+            if label == "tau_cond - tau":  # a TPM's deviation is one number per step: print it
+                ax.set_xlabel(f"mean {float(f.mean()):+.3f}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])  # keep the frame: an all-ones mask is white on white
+        axes[r][0].text(-0.1, 0.5, label.replace("tau", "\u03c4"), transform=axes[r][0].transAxes, ha="right",
+                        va="center", fontsize=8)
+        if label != "mask":
+            fig.colorbar(im, ax=axes[r].tolist(), fraction=0.02)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -14,8 +14,10 @@ trainer relies on (sampling with a log-probability, the deterministic action, th
 KL to a reference, logged statistics).
 
 Every policy is an ``nn.Module`` (most hold no weights) with a config dataclass. It saves to a
-directory as ``config.json`` (+ ``model.safetensors`` when it has weights) and loads with
-``from_pretrained``; ``policies.load(name_or_path)`` restores any registered policy. We do not
+directory as ``config.json`` (+ ``model.safetensors`` when it has weights) with a model card
+``README.md`` (:mod:`tpm.model_card`) and loads with ``from_pretrained``;
+``policies.load(name_or_path_or_repo_id)`` restores any registered policy, from the Hub too
+(:mod:`tpm.hub`), and ``push_to_hub`` uploads one. We do not
 use diffusers' ``ConfigMixin`` here because most policies carry tensors-free configs with
 nested values (lists, None, strings chosen from a registry) that read best as a dataclass, and
 because loading must fail with a message that names the policy registry, not a missing class.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from torch import nn
 
 from tpm.fields import synchronous_next
 from tpm.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_config, write_config_and_weights
+from tpm.model_card import CARD_NAME
 
 __all__ = ["ACTION_PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "Action", "Decision", "KnownRegion", "Policy", "PolicyError",
            "RunContext", "State", "Synchronous", "SynchronousConfig", "TrainablePolicy", "read_policy_config",
@@ -142,6 +146,8 @@ class Policy(nn.Module):
 
     policy_name: ClassVar[str] = ""
     config_class: ClassVar[type] = None  # a dataclass
+    #: the paper (and equations) the policy implements, shown in its model card
+    paper: ClassVar[str] = ""
     # True for policies whose actions are sampled and have a log-probability.
     stochastic: ClassVar[bool] = False
 
@@ -186,8 +192,42 @@ class Policy(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {"policy": self.policy_name, **dataclasses.asdict(self.config)}
 
+    def card_info(self) -> dict[str, Any]:
+        """What a model card says about this policy (:mod:`tpm.model_card`)."""
+        def first_paragraph(doc):
+            return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+        own = first_paragraph(type(self).__doc__).replace(": see the module docstring.", ".")
+        module = sys.modules[type(self).__module__]
+        # A policy family's module docstring names the method; tpm.policy's describes the interface.
+        summary = own if module.__name__ == __name__ else first_paragraph(module.__doc__)
+        return {"policy": self.policy_name, "class": f"{type(self).__module__}.{type(self).__qualname__}",
+                "summary": summary, "detail": own if own != summary else "", "paper": self.paper,
+                "config": self.config_dict(), "parameters": sum(p.numel() for p in self.parameters()),
+                "stochastic": self.stochastic}
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """``config.json`` (+ ``model.safetensors``) and a model card ``README.md``: the card this policy
+        was loaded with (a training run's, say), else one describing the policy."""
+        from tpm.model_card import write_policy_card
+
         write_config_and_weights(path, self.config_dict(), self)
+        write_policy_card(path, self.card_info(), getattr(self, "card_text", None))
+
+    def push_to_hub(self, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, commit_message: str | None = None, create_pr: bool = False):
+        """Upload this policy (what :meth:`save_pretrained` writes, card included) to Hub repo ``repo_id``,
+        created if missing, as one commit to branch ``revision`` (default main); returns huggingface_hub's
+        ``CommitInfo``. Load it back with ``policies.load(repo_id)``."""
+        import tempfile
+
+        from tpm.hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder(tmp, repo_id, revision=revision, private=private, token=token,
+                               commit_message=commit_message or f"Upload tpm {self.policy_name} policy",
+                               create_pr=create_pr)
 
     @classmethod
     def from_config_dict(cls, cfg: dict[str, Any]) -> Policy:
@@ -217,6 +257,10 @@ class Policy(nn.Module):
                 raise PolicyError(f"{path} holds a {name!r} policy, not a {cls.policy_name!r} one")
         policy = target.from_config_dict(cfg)
         load_weights(path, policy, label=f"{name!r} policy", kind="policy", error=PolicyError)
+        card = os.path.join(path, CARD_NAME)
+        if os.path.isfile(card):  # kept, so that save_pretrained / push_to_hub pass it on
+            with open(card) as f:
+                policy.card_text = f.read()
         return policy.eval()
 
 

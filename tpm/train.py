@@ -217,6 +217,9 @@ def run(cfg: RecipeConfig) -> Any:
         if acc.is_main_process:
             ckpt.release_lock(g.output_dir)
     if acc.is_main_process:
+        from tpm.model_card import write_run_cards  # README.md cards: backbone, reward, GRPO config, report
+
+        write_run_cards(trainer.policy.card_info(), g.output_dir, dataclasses.asdict(cfg), report if evals else None)
         print(f"policy: {result.policy_dir}  (load with policies.load({result.policy_dir!r}))")
         if g.trackers():
             hint = f"; tensorboard --logdir {result.log_dir}" if "tensorboard" in g.trackers() else ""

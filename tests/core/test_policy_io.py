@@ -54,7 +54,7 @@ def _registered():
 def test_synchronous_round_trip(tmp_path):
     Synchronous().save_pretrained(tmp_path / "sync")
     files = sorted(os.listdir(tmp_path / "sync"))
-    assert files == [CONFIG_NAME]  # no weights, no file for them
+    assert files == ["README.md", CONFIG_NAME]  # the model card; no weights, no file for them
     with open(tmp_path / "sync" / CONFIG_NAME) as f:
         assert json.load(f) == {"policy": "synchronous"}
     for loaded in (Synchronous.from_pretrained(tmp_path / "sync"), Policy.from_pretrained(tmp_path / "sync"),
@@ -68,7 +68,7 @@ def test_weighted_round_trip(tmp_path):
     torch.manual_seed(0)
     pol = LinearTestPolicy(features=5, hidden=4)
     pol.save_pretrained(tmp_path / "lin")
-    assert sorted(os.listdir(tmp_path / "lin")) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(os.listdir(tmp_path / "lin")) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
     for loaded in (LinearTestPolicy.from_pretrained(tmp_path / "lin"), policies.load(str(tmp_path / "lin"))):
         assert isinstance(loaded, LinearTestPolicy)
         assert loaded.config == LinearConfig(features=5, hidden=4)

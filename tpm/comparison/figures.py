@@ -81,11 +81,20 @@ def is_asynchronous(traj, atol: float = 1e-6) -> bool:
     return any(float(f.max() - f.min()) > atol for f in fields)
 
 
+def departs_from_synchronous(traj, atol: float = 1e-6) -> bool:
+    """Whether a field differs across tokens, or the denoiser was told another time than the latent's
+    (``tau_cond != tau``, e.g. AsyncDiff's TPM, whose fields are uniform per step)."""
+    from tpm.plots import conditioning_shift
+
+    return is_asynchronous(traj, atol) or conditioning_shift(traj) > atol
+
+
 def write_field_heatmap(path: str, fields_file: str, max_steps: int = 12) -> str | None:
-    """``tpm.plots.field_strip`` of a saved field, or None when the policy is synchronous."""
+    """``tpm.plots.field_strip`` of a saved field (tau, and tau_cond - tau when the policy set it),
+    or None when the policy did exactly what the synchronous sampler does."""
     from tpm.plots import field_strip
 
     traj = load_fields(fields_file)
-    if not is_asynchronous(traj):
+    if not departs_from_synchronous(traj):
         return None
     return field_strip(traj, path, sample=0, max_steps=max_steps)

@@ -13,9 +13,12 @@ Parts (all real library classes, only the sizes are small; built with the part b
 - scheduler: ``FlowMatchEulerDiscreteScheduler`` with shift 1 (the images are tiny).
 
 Pipelines cannot store call defaults (resolution, ``max_sequence_length``), so each checkpoint
-folder also holds ``testbed.json`` (a :class:`TestbedModelConfig` and sampling defaults);
-:func:`load_pipeline` puts those defaults on ``pipe.tpm_defaults``, which ``tpm.sample`` and the
-backbone adapters read, and :func:`call_kwargs` returns them as ``pipe(...)`` keyword arguments.
+folder also holds ``testbed.json`` (a :class:`TestbedModelConfig` and sampling defaults).
+:func:`load_pipeline` and :func:`build_pipeline` return the testbed subclasses of
+:mod:`tpm.testbed.pipelines` (``TestbedFluxPipeline`` is a ``FluxPipeline``), whose plain
+``pipe(prompt)`` uses those defaults; they are also on ``pipe.tpm_defaults``, which ``tpm.sample``
+and the backbone adapters read, and :func:`call_kwargs` returns them as ``pipe(...)`` keyword
+arguments (what a plain diffusers pipeline loaded from the folder needs).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "build_tokenizer",
     "build_vae",
     "call_kwargs",
+    "finish_testbed_pipeline",
     "load_pipeline",
     "save_pipeline",
 ]
@@ -97,13 +101,9 @@ class TestbedModelConfig:
     @property
     def defaults(self) -> dict[str, Any]:
         """``pipe.tpm_defaults``: call defaults a diffusers pipeline cannot store."""
-        return {
-            "height": self.resolution,
-            "width": self.resolution,
-            "max_sequence_length": self.max_sequence_length,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-        }
+        from tpm.testbed.pipelines import call_defaults
+
+        return call_defaults(asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -189,13 +189,17 @@ def build_pipeline(cfg: TestbedModelConfig, *, vae=None, vocab: list[str] | None
         encoders = [_clip(cfg, n_vocab, projection=False), _t5(cfg, n_vocab)]
     else:
         encoders = [_clip(cfg, n_vocab, projection=True), _clip(cfg, n_vocab, projection=True), _t5(cfg, n_vocab)]
+    from tpm.testbed.pipelines import testbed_class
+
     pipe = assemble_pipeline(cfg.backbone, scheduler=sched, vae=vae, transformer=_transformer(cfg),
                              text_encoders=encoders, tokenizers=[tok] * len(encoders))
-    _finish(pipe, cfg)
+    pipe = testbed_class(type(pipe))(**pipe.components)  # same parts; plain calls use cfg's defaults
+    finish_testbed_pipeline(pipe, cfg)
     return pipe
 
 
-def _finish(pipe, cfg: TestbedModelConfig) -> None:
+def finish_testbed_pipeline(pipe, cfg: TestbedModelConfig) -> None:
+    """Eval mode, no progress bar, ``pipe.tpm_defaults`` and ``pipe.tpm_testbed_config`` from ``cfg``."""
     from tpm.testing import finish_pipeline
 
     finish_pipeline(pipe, cfg.defaults)
@@ -222,10 +226,11 @@ def load_pipeline(
     """Load a testbed pipeline, offline: a shipped name (``"flux"``, ``"sd3"``, ``"flux-asyncpatch"``,
     from ``tpm/testbed/checkpoints/<name>/``) or a folder written by :func:`save_pipeline`.
 
-    Returns an ordinary ``FluxPipeline`` / ``StableDiffusion3Pipeline`` (in ``dtype``, eval mode)
-    with ``pipe.tpm_defaults`` set from ``testbed.json``.
+    Returns a ``TestbedFluxPipeline`` / ``TestbedSD3Pipeline`` (:mod:`tpm.testbed.pipelines`: a
+    ``FluxPipeline`` / ``StableDiffusion3Pipeline`` whose plain call uses ``testbed.json``'s
+    resolution, text length, steps and CFG), in ``dtype``, eval mode, with ``pipe.tpm_defaults`` set.
     """
-    from diffusers import DiffusionPipeline
+    from tpm.testbed.pipelines import testbed_class
 
     path = Path(name_or_path)
     if not path.is_dir():
@@ -243,10 +248,11 @@ def load_pipeline(
     if not (path / "testbed.json").is_file():
         raise FileNotFoundError(f"{path} has no testbed.json; it was not written by tpm.testbed.save_pipeline")
     cfg = TestbedModelConfig.from_json((path / "testbed.json").read_text())
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    cls = testbed_class(_ADAPTERS[cfg.backbone].pipeline_class())
+    pipe = cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)  # reads testbed.json too
     if device is not None:
         pipe.to(device)
-    _finish(pipe, cfg)
+    finish_testbed_pipeline(pipe, cfg)
     return pipe
 
 
@@ -254,10 +260,6 @@ def call_kwargs(pipe, **overrides) -> dict[str, Any]:
     """Keyword arguments for ``pipe(...)`` / ``tpm.sample`` from ``pipe.tpm_defaults``, with the default
     CFG strength passed as the pipeline takes it (:meth:`tpm.backbones.Backbone.sample_kwargs`),
     updated with ``overrides``."""
-    from tpm.backbones import get_backbone
+    from tpm.testbed.pipelines import call_kwargs as _call_kwargs
 
-    d = dict(getattr(pipe, "tpm_defaults", {}))
-    scale = d.pop("guidance_scale", 1.0)
-    d.update(get_backbone(pipe).sample_kwargs(scale))
-    d.update(overrides)
-    return d
+    return _call_kwargs(pipe, **overrides)
