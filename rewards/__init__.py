@@ -17,4 +17,5 @@ import rewards.imagereward  # noqa: E402,F401  (registers "imagereward")
 import rewards.pickscore  # noqa: E402,F401  (registers "pickscore")
 import rewards.remote  # noqa: E402,F401  (registers "remote")
 import rewards.testbed  # noqa: E402,F401  (registers "testbed")
+import rewards.vlm_judge  # noqa: E402,F401  (registers "vlm_judge")
 from rewards.composite import Composite, CompositeResult, combine  # noqa: E402,F401
