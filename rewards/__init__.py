@@ -10,6 +10,7 @@ from rewards.base import (
 )
 
 __all__ = ["RewardError", "RewardModel", "load", "register_reward", "registered_rewards", "to_pixels"]
+import rewards.bertscore  # noqa: E402,F401  (registers "bertscore")
 import rewards.clip_score  # noqa: E402,F401  (registers "clipscore")
 import rewards.composite  # noqa: E402,F401
 import rewards.hpsv2  # noqa: E402,F401  (registers "hpsv2")

@@ -265,3 +265,31 @@ def test_grpo_iteration_with_the_judge_behind_the_recipe_composite(judge, tmp_pa
     assert len(judge.requests) == 4  # one request per rollout image, all through the composite
     assert rec["skipped"] == 0.0 and np.isfinite(rec["train/loss"])
     assert any(not torch.equal(before[k], v) for k, v in policy.named_parameters())
+
+
+@pytest.mark.parametrize("spec,options", [
+    ("vlm_judge:url=http://127.0.0.1:8011/v1:model=m:concurrency=8",
+     {"url": "http://127.0.0.1:8011/v1", "model": "m", "concurrency": 8}),
+    ("vlm_judge:model=m:url=https://api.example.com/v1", {"model": "m", "url": "https://api.example.com/v1"}),
+    ("vlm_judge:url=http://localhost:timeout=5", {"url": "http://localhost", "timeout": 5}),
+])
+def test_reward_specs_keep_urls_whole(spec, options):
+    from tpm.loading import parse_spec
+
+    assert parse_spec(spec) == ("vlm_judge", [], options)
+
+
+@pytest.mark.slow
+def test_tpm_compare_with_the_judge(judge, tmp_path, capsys):
+    import csv
+
+    from tpm.cli import main
+
+    spec = f"vlm_judge:url={judge.url}:model={MODEL}"
+    main(["compare", "--policies", "synchronous,dm_concave", "--prompts", "testbed:test", "--num-prompts", "2",
+          "--seeds", "1", "--steps", "3", "--rewards", f"testbed,{spec}", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 4 and len(judge.requests) == 4
+    # the judge is the verifier on the rubric's scale, image by image
+    assert [float(r[spec]) for r in rows] == [round(9 * float(r["testbed"])) for r in rows]
+    assert "| `dm_concave` |" in capsys.readouterr().out
