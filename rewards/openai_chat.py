@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -142,6 +142,10 @@ class ChatClient:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(conversations))) as pool:
             futures = [pool.submit(self._ask, messages, abort) for messages in conversations]
             try:
+                wait(futures, return_when=FIRST_EXCEPTION)  # the first failure ends the batch, whichever it is
+                failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+                if failed is not None:
+                    raise failed.exception()
                 return [f.result() for f in futures]
             except BaseException:
                 abort.set()  # the other threads stop before their next try; queued ones never start
