@@ -151,13 +151,16 @@ class LoopbackJudge:
 
             def _send(self, status: int, payload, headers: dict | None = None):
                 data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/html" if isinstance(payload, str) else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/html" if isinstance(payload, str) else "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left: nothing to tell
+                    self.close_connection = True
 
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
