@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,10 +127,26 @@ def literal(text: str) -> Any:
     return text
 
 
+def _join_urls(parts: list[str]) -> list[str]:
+    """Glue back a URL value that splitting on ":" cut: ``url=http``, ``//host``, ``8000/v1``."""
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p.partition("=")[2].lower() in ("http", "https") and i + 1 < len(parts) and parts[i + 1].startswith("//"):
+            p, i = f"{p}:{parts[i + 1]}", i + 1
+            if i + 1 < len(parts) and re.match(r"\d+(/|$)", parts[i + 1]):  # the port (and path)
+                p, i = f"{p}:{parts[i + 1]}", i + 1
+        out.append(p)
+        i += 1
+    return out
+
+
 def parse_spec(spec: str) -> tuple[str, list[str], dict[str, Any]]:
     """``name:word:key=value...`` -> (name, variant words, options): how policies and rewards are named
-    with options on a command line (``dm_concave:exponential:weight=0.5``, ``clipscore:device=cpu``)."""
-    name, *parts = str(spec).split(":")
+    with options on a command line (``dm_concave:exponential:weight=0.5``, ``clipscore:device=cpu``).
+    A value may be an http(s) URL with a port (``vlm_judge:url=http://127.0.0.1:8000/v1``)."""
+    name, *parts = _join_urls(str(spec).split(":"))
     words = [p for p in parts if p and "=" not in p]
     options = {}
     for p in parts:
