@@ -47,6 +47,7 @@ SHIPPED: dict[str, str] = {
     "flux": "FluxPipeline trained with synchronous (logit-normal) times",
     "sd3": "StableDiffusion3Pipeline trained with synchronous (logit-normal) times",
     "flux-asyncpatch": "FluxPipeline trained with the AsyncPatch controlled per-token sampler",
+    "unet": "StableDiffusionPipeline (UNet, DDIM, v-prediction) trained by recipes/train_testbed_unet.py",
 }
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 (CLIP's legacy pooling path is id 2 == eos)
 BACKBONES = tuple(_ADAPTERS)  # the pipeline families tpm.backbones supports
@@ -97,13 +98,16 @@ class TestbedModelConfig:
     @property
     def defaults(self) -> dict[str, Any]:
         """``pipe.tpm_defaults``: call defaults a diffusers pipeline cannot store."""
-        return {
+        d = {
             "height": self.resolution,
             "width": self.resolution,
             "max_sequence_length": self.max_sequence_length,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
         }
+        if self.backbone in ("sd", "sdxl"):  # UNet pipelines take no max_sequence_length (tpm.testbed.unet)
+            del d["max_sequence_length"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
