@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from policies.tpm import BetaPolicy, deviation_factor, network_inputs
 from tpm.fields import synchronous_next
-from tpm.policy import Action, State, register_policy
+from tpm.policy import Action, PolicyError, State, register_policy
 
 
 @register_policy("velocity_scale")
@@ -24,6 +24,12 @@ class VelocityScale(BetaPolicy):
     """Per-sample step scale w = 0.5 + r (AsyncDiff Eq. 20) learned with GRPO."""
 
     paper = "AsyncDiff: Asynchronous Timestep Conditioning for Enhanced Text-to-Image Diffusion Inference (velocity scaling, §5, Eq. 19-20)"
+
+    def check_backbone(self, backbone) -> None:
+        # Scaling the update presumes a deterministic step along v; DDPM's ancestral update is not one.
+        if not getattr(backbone, "euler_update", True):
+            raise PolicyError("velocity_scale scales the Euler/DDIM update step, which has no counterpart in the "
+                              "ancestral DDPM update; sample with DDIMScheduler or EulerDiscreteScheduler")
 
     def act(self, state: State) -> Action:
         cfg = self.config

@@ -171,6 +171,10 @@ class Policy(nn.Module):
         """
         return None
 
+    def check_backbone(self, backbone) -> None:
+        """Raise :class:`PolicyError` if this policy has no meaning on ``backbone`` (a
+        ``tpm.backbones.Backbone``); called once per run before anything is computed."""
+
     def begin(self, ctx: RunContext) -> dict[str, Any]:
         """Called once per run; returns the initial ``State.memory``."""
         return {}

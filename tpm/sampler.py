@@ -8,6 +8,10 @@ velocity ``v = noise - x0``):
 
     x_{k+1} = x_k + (tau_next - tau_k) * v
 
+For UNet pipelines (discrete-time models) the adapter holds flow-scaled latents and maps ``tau``
+to the scheduler's timesteps (:mod:`tpm.backbones.discrete`): the same Euler step is then DDIM
+(eta = 0) per pixel, and ``Backbone.update`` swaps in the ancestral step for DDPM.
+
 With ``policy=None`` (synchronous) this is exactly the stock pipeline's loop: same prompt
 encoding, same initial noise from the same generator, same scheduler grid (shift / dynamic
 shifting), same guidance formula, same decode.
@@ -194,19 +198,6 @@ def _input_guidance(backbone: Backbone, known: _Known, latents: torch.Tensor, ta
     return v + strength * (v - v_n)
 
 
-def _euler_step(backbone: Backbone, latents: torch.Tensor, tau: torch.Tensor, action: Action,
-                v: torch.Tensor) -> torch.Tensor:
-    """x + step_scale * (tau_next - tau) * v per token, in float32 and cast back like
-    ``FlowMatchEulerDiscreteScheduler.step`` (so the synchronous run is bit-exact, in bf16 too)."""
-    delta = action.tau_next - tau
-    if action.step_scale is not None:
-        scale = action.step_scale
-        delta = delta * (scale.view(-1, 1, 1) if scale.ndim == 1 else scale)
-    dt = backbone.expand_field(delta).to(torch.float32)
-    # dt * v in v's dtype, as the scheduler's 0-dim dt * model_output is.
-    return (latents.to(torch.float32) + dt.to(v.dtype) * v).to(v.dtype)
-
-
 def denoise(
     backbone: Backbone,
     latents: torch.Tensor,
@@ -224,7 +215,8 @@ def denoise(
     callback: StepCallback | None = None,
     nfe_offset: int = 0,
 ) -> tuple[torch.Tensor, Trajectory | None]:
-    """The loop itself, on native latents. Returns the final latents and, if ``record``, the trajectory.
+    """The loop itself, on native latents. Returns the final latents (in the layout the pipeline
+    decodes, :meth:`Backbone.finish`) and, if ``record``, the trajectory.
 
     ``callback(out)`` runs after every step with a :class:`StepOutput`; ``nfe_offset`` is the
     number of evaluations already spent in this run (a reference run), where ``out.nfe`` starts.
@@ -259,7 +251,7 @@ def denoise(
         if input_guidance:
             v = _input_guidance(backbone, known, latents, tau_cond, cond, v, input_guidance, input_guidance_time, grid)
         nfe += nfe_per_step
-        new_latents = _euler_step(backbone, latents, tau, action, v)
+        new_latents = backbone.update(latents, tau, tau_cond, action, v)
         if known is not None:  # the update is 0 there already; this makes "unchanged" hold bit for bit
             new_latents = _hold_known(known, backbone, new_latents, grid)
         velocity = backbone.to_tokens(v)
@@ -271,7 +263,7 @@ def denoise(
                          attention=attention, latents=tokens, tau=tau, nfe=nfe)
         for cb in callbacks:
             cb(out)
-    return latents, (recorder.trajectory if recorder is not None else None)
+    return backbone.finish(latents, tau), (recorder.trajectory if recorder is not None else None)
 
 
 @torch.no_grad()
@@ -314,6 +306,7 @@ def sample(
         policy = Synchronous()
     if not isinstance(policy, Policy):
         raise PolicyError(f"policy must be a tpm Policy (got {type(policy).__name__}); use policies.load(name)")
+    policy.check_backbone(backbone)
     steps = num_inference_steps if num_inference_steps is not None else backbone.call_default("num_inference_steps")
     if steps is None or int(steps) < 1:
         raise PolicyError(f"num_inference_steps must be >= 1, got {steps}")
@@ -327,6 +320,7 @@ def sample(
                            max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale)
     x = backbone.prepare_latents(len(prompts), height, width, generator, latents)
     sigmas, _ = backbone.set_timesteps(int(steps), x)
+    x = backbone.start(x, sigmas)
     grid = backbone.grid(height, width)
     layers = policy.attention_layers(backbone.num_attention_layers)
     n_layers = backbone.num_attention_layers

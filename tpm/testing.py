@@ -234,3 +234,104 @@ def tiny_sd3_pipeline(
         tokenizers=[tok, word_tokenizer(max_length=16), tok3 if with_t5 else None],
         defaults={"max_sequence_length": max_sequence_length},
     )
+
+
+# ---- UNet pipelines (SD 1.x / 2.x, SDXL) ---------------------------------------------------------
+#: the noise schedule SD 1.x / 2.x and SDXL were trained with (their scheduler configs)
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def sd_scheduler(name: str = "ddim", prediction_type: str = "epsilon", **config):
+    """A scheduler of the SD family by short name: "ddim" (SD's DDIM config: ``set_alpha_to_one=False``,
+    no clipping), "euler" (SDXL's default), "ddpm", "pndm" (SD 1.5's default), "dpm" (multistep)."""
+    import diffusers
+
+    classes = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "ddpm": "DDPMScheduler",
+               "pndm": "PNDMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+    base = dict(SD_SCHEDULE)
+    if name in ("ddim", "ddpm"):
+        base.update(clip_sample=False)
+    if name == "ddim":
+        base.update(set_alpha_to_one=False)
+    if name == "pndm":
+        base.update(skip_prk_steps=True, set_alpha_to_one=False)
+    cls = getattr(diffusers, classes[name])
+    return cls(**{**base, "prediction_type": prediction_type, **config})
+
+
+def unet(*, blocks: Sequence[int], cross_attention: Sequence[bool], in_channels: int, sample_size: int,
+         cross_attention_dim: int, heads: int | Sequence[int] = 2, layers_per_block: int = 1, norm_groups: int = 2,
+         seed: int | None = None, **config):
+    """``UNet2DConditionModel`` with one level per entry of ``blocks`` (``cross_attention[i]``: whether
+    level i has cross-attention); ``config`` adds fields (SDXL's ``addition_embed_type="text_time"``)."""
+    from diffusers import UNet2DConditionModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross_attention))
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, down_block_types=down,
+        up_block_types=up, block_out_channels=tuple(blocks), layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=norm_groups, **config,
+    ).eval()
+
+
+def tiny_sd_pipeline(prediction_type: str = "epsilon", scheduler: str = "ddim", blocks: tuple[int, ...] = (8, 16, 16),
+                     cross_attention: tuple[bool, ...] = (False, True, True), layers_per_block: int = 1,
+                     heads: int = 2, text_dim: int = 32, latent_channels: int = 4, sample_size: int = 16,
+                     seed: int = 0):
+    """A random ``StableDiffusionPipeline`` (by default three levels, cross-attention on the two
+    coarser ones, 16x16 latents of 32x32 images; SD's own layout is four levels, cross-attention on
+    the first three, two layers per block)."""
+    from diffusers import StableDiffusionPipeline
+
+    tok = word_tokenizer(max_length=16)
+    den = unet(blocks=blocks, cross_attention=cross_attention, in_channels=latent_channels, heads=heads,
+               layers_per_block=layers_per_block, sample_size=sample_size, cross_attention_dim=text_dim, seed=seed)
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(latent_channels, (4, 8), seed + 1), text_encoder=_tiny_clip(text_dim, len(tok), False, seed + 2),
+        tokenizer=tok, unet=den, scheduler=sd_scheduler(scheduler, prediction_type), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.vae.register_to_config(shift_factor=None, scaling_factor=0.18215)
+    return finish_pipeline(pipe)
+
+
+def tiny_sdxl_pipeline(prediction_type: str = "epsilon", scheduler: str = "euler", blocks: tuple[int, ...] = (8, 16),
+                       text_dim: int = 32, latent_channels: int = 4, sample_size: int = 16, time_dim: int = 8,
+                       seed: int = 0):
+    """A random ``StableDiffusionXLPipeline`` (two CLIP encoders, ``text_time`` added embeddings;
+    diffusers' fast-test layout)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tok = word_tokenizer(max_length=16)
+    den = unet(blocks=blocks, cross_attention=(False, True), in_channels=latent_channels, sample_size=sample_size,
+               cross_attention_dim=2 * text_dim, seed=seed, use_linear_projection=True,
+               addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+               projection_class_embeddings_input_dim=6 * time_dim + text_dim, transformer_layers_per_block=(1, 2))
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(latent_channels, (4, 8), seed + 1), text_encoder=_tiny_clip(text_dim, len(tok), False, seed + 2),
+        text_encoder_2=_tiny_clip(text_dim, len(tok), True, seed + 3), tokenizer=tok,
+        tokenizer_2=word_tokenizer(max_length=16), unet=den, scheduler=sd_scheduler(scheduler, prediction_type))
+    pipe.vae.register_to_config(shift_factor=None, scaling_factor=0.13025)
+    return finish_pipeline(pipe)
+
+
+def compare_to_pipeline(pipe, prompts: Sequence[str], steps: int = 4, guidance: float = 3.0, seed: int = 0) -> dict:
+    """Max abs differences between synchronous ``tpm.sample`` and ``pipe(...)`` from the same generator:
+    ``image`` (decoded, in [0, 1]) and ``latent_rel`` (final latents, relative to their largest value)."""
+    import numpy as np
+
+    from tpm.sampler import sample
+
+    kw = {"num_inference_steps": steps, "guidance_scale": guidance}
+    out = {}
+    for kind in ("np", "latent"):
+        ref = pipe(list(prompts), generator=torch.Generator().manual_seed(seed), output_type=kind, **kw).images
+        ours = sample(pipe, list(prompts), generator=torch.Generator().manual_seed(seed), output_type=kind, **kw).images
+        if kind == "np":
+            out["image"] = float(np.abs(ref - ours).max())
+        else:
+            out["latent_rel"] = float((ref - ours).abs().max() / ref.abs().max())
+    return out

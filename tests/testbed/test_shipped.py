@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from tpm.testbed.models import CHECKPOINT_DIR, SHIPPED, call_kwargs, load_pipeline
 
-CLASSES = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux-asyncpatch": FluxPipeline}
+CLASSES = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux-asyncpatch": FluxPipeline,
+           "unet": StableDiffusionPipeline}
 
 
 @pytest.fixture(autouse=True)

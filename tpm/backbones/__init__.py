@@ -1,15 +1,18 @@
 """Backbone adapters: a diffusers pipeline + a transformer forward with a per-token time field.
 
 ``get_backbone(pipe)`` picks the adapter for the pipeline's class. Supported:
-``FluxPipeline`` (FLUX.1) and ``StableDiffusion3Pipeline`` (SD3, SD3.5).
+``FluxPipeline`` (FLUX.1), ``StableDiffusion3Pipeline`` (SD3, SD3.5), ``StableDiffusionPipeline``
+(SD 1.x / 2.x UNets) and ``StableDiffusionXLPipeline`` (SDXL).
 """
 
 from tpm.backbones.base import Backbone, BackboneError, Conditioning, Prediction
 from tpm.backbones.flux import FluxBackbone, flux_transformer_forward
 from tpm.backbones.sd3 import SD3Backbone, sd3_transformer_forward
+from tpm.backbones.unet import StableDiffusionBackbone, StableDiffusionXLBackbone
 
 # Explicit registry: pipeline family name -> adapter class; the supported pipelines follow from it.
-BACKBONES: dict[str, type[Backbone]] = {"flux": FluxBackbone, "sd3": SD3Backbone}
+BACKBONES: dict[str, type[Backbone]] = {"flux": FluxBackbone, "sd3": SD3Backbone, "sd": StableDiffusionBackbone,
+                                        "sdxl": StableDiffusionXLBackbone}
 SUPPORTED_PIPELINES = tuple(cls.pipeline_class_name for cls in BACKBONES.values())
 
 
@@ -34,6 +37,8 @@ __all__ = [
     "Prediction",
     "SD3Backbone",
     "SUPPORTED_PIPELINES",
+    "StableDiffusionBackbone",
+    "StableDiffusionXLBackbone",
     "flux_transformer_forward",
     "get_backbone",
     "sd3_transformer_forward",

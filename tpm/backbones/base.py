@@ -59,6 +59,11 @@ class Backbone(abc.ABC):
 
     #: name of the diffusers pipeline class this adapter accepts (subclasses of it too)
     pipeline_class_name: ClassVar[str] = ""
+    #: True when the model itself is a flow-matching model (its time is tpm's ``tau``); False for
+    #: discrete-time models seen through a map to ``tau`` (the UNet adapters)
+    native_flow: ClassVar[bool] = True
+    #: whether :meth:`update` is the per-token Euler step (False for per-pixel DDPM)
+    euler_update: bool = True
 
     def __init__(self, pipe, time_resolution: float | None = None):
         self.pipe = pipe
@@ -235,6 +240,27 @@ class Backbone(abc.ABC):
             raise BackboneError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         timesteps = self._set_timesteps(num_inference_steps, latents, sigmas)
         return sched.sigmas.to(torch.float32), timesteps
+
+    def start(self, latents: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The pipeline's initial latents -> the sampler's latents (identity for flow models)."""
+        return latents
+
+    def finish(self, latents: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """The sampler's final latents at field ``tau`` -> what the pipeline decodes (identity for flow models)."""
+        return latents
+
+    def update(self, latents: torch.Tensor, tau: torch.Tensor, tau_cond: torch.Tensor, action,
+               v: torch.Tensor) -> torch.Tensor:
+        """One step of every token from ``tau`` to ``action.tau_next``: ``x + step_scale * (tau_next -
+        tau) * v``, in float32 and cast back like ``FlowMatchEulerDiscreteScheduler.step`` (so the
+        synchronous run is bit-exact, in bf16 too). ``tau_cond`` is the time the model was told."""
+        delta = action.tau_next - tau
+        if action.step_scale is not None:
+            scale = action.step_scale
+            delta = delta * (scale.view(-1, 1, 1) if scale.ndim == 1 else scale)
+        dt = self.expand_field(delta).to(torch.float32)
+        # dt * v in v's dtype, as the scheduler's 0-dim dt * model_output is.
+        return (latents.to(torch.float32) + dt.to(v.dtype) * v).to(v.dtype)
 
     @abc.abstractmethod
     def _set_timesteps(self, num_inference_steps: int, latents: torch.Tensor, sigmas) -> torch.Tensor: ...

@@ -51,6 +51,7 @@ SHIPPED: dict[str, str] = {
     "flux": "FluxPipeline trained with synchronous (logit-normal) times",
     "sd3": "StableDiffusion3Pipeline trained with synchronous (logit-normal) times",
     "flux-asyncpatch": "FluxPipeline trained with the AsyncPatch controlled per-token sampler",
+    "unet": "StableDiffusionPipeline (UNet, DDIM, v-prediction) trained by recipes/train_testbed_unet.py",
 }
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 (CLIP's legacy pooling path is id 2 == eos)
 BACKBONES = tuple(_ADAPTERS)  # the pipeline families tpm.backbones supports

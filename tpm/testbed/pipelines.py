@@ -45,13 +45,16 @@ __all__ = ["TESTBED_FILE", "TestbedDefaultsMixin", "TestbedFluxPipeline", "Testb
 
 def call_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """``pipe.tpm_defaults`` from a ``testbed.json`` mapping: the call defaults a pipeline cannot store."""
-    return {
+    d = {
         "height": config["resolution"],
         "width": config["resolution"],
         "max_sequence_length": config["max_sequence_length"],
         "num_inference_steps": config["num_inference_steps"],
         "guidance_scale": config["guidance_scale"],
     }
+    if config.get("backbone") in ("sd", "sdxl"):  # UNet pipelines take no max_sequence_length (tpm.testbed.unet)
+        del d["max_sequence_length"]
+    return d
 
 
 def call_kwargs(pipe, **overrides) -> dict[str, Any]:
