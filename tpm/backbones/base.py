@@ -60,10 +60,12 @@ class Backbone(abc.ABC):
     #: name of the diffusers pipeline class this adapter accepts (subclasses of it too)
     pipeline_class_name: ClassVar[str] = ""
 
-    def __init__(self, pipe, time_resolution: float | None = None):
+    def __init__(self, pipe, time_resolution: float | None = None, time_levels: int | None = None):
         self.pipe = pipe
         self.transformer = pipe.transformer
+        # Bounds on the distinct conditioning times per call (tpm.backbones.modulation).
         self.time_resolution = time_resolution
+        self.time_levels = time_levels
 
     @classmethod
     def pipeline_class(cls) -> type:
@@ -241,8 +243,14 @@ class Backbone(abc.ABC):
 
     @abc.abstractmethod
     def predict(self, latents: torch.Tensor, tau: torch.Tensor, cond: Conditioning,
-                attention_layers: list[int] | None = None) -> Prediction:
-        """Guided velocity at a per-token time field ``tau`` (B, h, w)."""
+                attention_layers: list[int] | None = None,
+                attention_tokens: list[list[int]] | None = None) -> Prediction:
+        """Guided velocity at a per-token time field ``tau`` (B, h, w).
+
+        ``attention_layers``: layers whose text->image maps are returned (averaged);
+        ``attention_tokens``: per sample, the text positions whose maps are computed (``None``:
+        all; the others are then zero in ``Prediction.attention``).
+        """
 
     @property
     @abc.abstractmethod
