@@ -72,6 +72,23 @@ def test_selected_text_probs_equal_brute_force_columns(method):
     assert bool((maps[~kept] == 0).all())  # positions nobody asked for are zero
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_route_equals_brute_force(dtype):
+    """On CUDA the maps come from the efficient-attention kernel's log-sum-exp."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 40, 64, generator=gen).to("cuda", dtype) for _ in range(3))
+    img, txt = slice(8, None), slice(0, 8)
+    tokens = torch.tensor([[1, 5], [7, 7]], device="cuda")
+    out, probs = attention_with_text_probs(q, k, v, img, txt, method="lse", tokens=tokens)
+    full = brute_force_text_probs(q.float(), k.float(), img, txt)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(probs[0], full[0][:, [1, 5]], atol=tol)
+    assert torch.allclose(probs[1, :, 0], full[1][:, 7], atol=tol)
+    assert torch.allclose(out.float(), F.scaled_dot_product_attention(q, k, v).float(), atol=tol)
+
+
 def test_brute_force_reference_is_a_joint_softmax():
     """Hand check of the reference on one head: P[i, j] = exp(q_i.k_j s) / sum_l exp(q_i.k_l s)."""
     q = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]])
