@@ -1,27 +1,40 @@
-"""Wall time of ``tpm.sample`` against the stock ``FluxPipeline.__call__``; prints JSON.
+"""Cost of ``tpm.sample`` against the stock pipeline call at several token counts; prints JSON.
 
-One run times, at equal steps and batch, on a mid-size random Flux (4 dual + 4 single blocks,
-width 256 or 512, a factor-1 VAE so that 32x32 images are a 16x16 = 256-token grid):
+Presets (random weights, real loading code paths, latents returned so the VAE decode is not timed):
 
-- ``pipe``: ``pipe(prompts, ...)``, the stock loop;
-- ``tpm_none``: ``tpm.sample(pipe, ..., policy=None)`` (the pipeline's own grid);
-- ``tpm_sync``: ``tpm.sample(..., policy=policies.Synchronous())``;
-- ``asyndm``: ``tpm.sample(..., policy=policies.load("asyndm"))`` when ``policies.concave`` exists
-  (concave schedule with cross-attention masks: attention capture and non-uniform fields).
+- ``width256`` (default): a Flux with 4 dual + 4 single blocks, 4 heads x 64, a factor-1 VAE, at
+  (image, text) tokens (256, 16), (1024, 512) and (4096, 512). Rows: ``synchronous``
+  (``tpm.sample`` with the pipeline's grid), ``dm_concave`` (every token on the concave
+  schedule), ``asyndm`` (cross-attention masks, default layers, maps for the object words only),
+  ``asyndm_all_tokens`` (the same, maps for every text token: the cost before object-token
+  capture), ``field`` (a random learned per-token field, ``policies.FieldPolicy`` with one decision
+  per token, random output heads, its default ``time_levels``) and ``field_exact`` (the same with ``time_levels=None``:
+  one modulation row per token).
+- ``flux-dev``: FLUX.1-dev widths (24 heads x 128, joint 4096, pooled 768, guidance embedding,
+  rope 16/56/56) at truncated depth (1 dual + 2 single blocks, FLUX.1-dev's 1:2 ratio), 1024 image
+  and 512 text tokens. Rows: ``synchronous``, ``field``, ``field_exact``.
+- ``sd35-medium``: SD3.5-medium widths (24 heads x 64, joint 4096, pooled 2048, dual attention in
+  the first block, rms qk-norm), 2 blocks, 1024 image tokens, 512 T5 tokens; same rows.
 
-Each variant is warmed up once, then timed ``--repeats`` times, interleaved (pipe, tpm_none,
-tpm_sync, asyndm, pipe, ...) so that load changes on a shared machine hit all alike; the
-median is reported. Latents are returned (``output_type="latent"``) so the decode is not timed.
-``distinct_rows_per_step`` counts the rows of the distinct-time table per transformer call
-(one untimed run per policy): the batch size for synchronous fields.
+Every row is a ratio to ``pipe`` (the stock ``pipe(...)`` call with the same steps, batch and
+seeds). Variants are interleaved (pipe, synchronous, ..., pipe, ...) and the median over
+``--repeats`` is reported. ``--clock cpu`` (default) times the process's CPU time with one torch
+thread, which other processes on a shared machine barely disturb; ``--clock wall`` times wall
+clock. ``distinct_rows`` is the mean number of rows of the per-step time-embedding table (the
+batch size for synchronous fields). ``--profile`` adds the torch profiler's top operators for
+the asyndm row.
 
-    python benchmarks/bench_sampler.py --width 256 --steps 10 --repeats 5 --batch 2 [--threads 1]
+    python benchmarks/bench_sampler.py                                   # width 256, three token counts
+    python benchmarks/bench_sampler.py --preset flux-dev --steps 2 --repeats 3
+    python benchmarks/bench_sampler.py --preset sd35-medium --steps 2 --repeats 3
+    python benchmarks/bench_sampler.py --tokens 256x16 --steps 2 --repeats 1   # a quick smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -29,108 +42,218 @@ import time
 
 import torch
 
-import tpm
-from tpm.testing import tiny_flux_pipeline
-
 PROMPTS = [
     "a red circle left of a blue square",
     "two dogs riding a bike on the beach",
     "a photo of an astronaut riding a horse on the moon",
     "three yellow triangles above a green car",
 ]
+PRESETS = {
+    "width256": {"tokens": "256x16,1024x512,4096x512",
+                 "rows": "synchronous,dm_concave,asyndm,asyndm_all_tokens,field,field_exact"},
+    "flux-dev": {"tokens": "1024x512", "rows": "synchronous,field,field_exact"},
+    "sd35-medium": {"tokens": "1024x512", "rows": "synchronous,field,field_exact"},
+    "tiny": {"tokens": "64x16", "rows": "synchronous,asyndm,dm_concave,field"},  # smoke runs (gpu_check --dry-run)
+}
 
 
-def build(width: int):
-    pipe = tiny_flux_pipeline(num_layers=4, num_single_layers=4, heads=width // 64, head_dim=64, text_dim=64,
-                              vae_blocks=(4,), latent_channels=1)
-    return pipe
+def build_pipeline(preset: str, text_tokens: int, image_size: int):
+    """The random pipeline of a preset (parts from :mod:`tpm.testing`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tpm import testing as T
+
+    vocab_tok = T.word_tokenizer(max_length=77)
+    vocab = len(vocab_tok)
+    if preset == "tiny":
+        return T.tiny_flux_pipeline(vae_blocks=(4,), latent_channels=1, max_sequence_length=text_tokens)
+    if preset == "width256":
+        return T.tiny_flux_pipeline(num_layers=4, num_single_layers=4, heads=4, head_dim=64, text_dim=64,
+                                    vae_blocks=(4,), latent_channels=1, max_sequence_length=text_tokens)
+    vae = T.autoencoder((4,), 1 if preset == "flux-dev" else 16, sample_size=image_size, norm_groups=1, seed=1,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                        scaling_factor=1.5035)
+    t5 = T.t5_encoder(vocab, 4096, d_kv=8, layers=1, heads=4, seed=3, eos_token_id=2)
+    clip_kw = dict(layers=1, heads=2, max_length=77, seed=2, bos_token_id=3, eos_token_id=2, pad_token_id=0)
+    defaults = {"max_sequence_length": text_tokens}
+    if preset == "flux-dev":
+        tr = T.flux_transformer(latent_channels=1, layers=1, single_layers=2, heads=24, head_dim=128, text_dim=4096,
+                                pooled_dim=768, rope_axes=(16, 56, 56), guidance_embeds=True, seed=0)
+        return T.assemble_pipeline(
+            "flux", scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=tr,
+            text_encoders=[T.clip_text_encoder(vocab, 768, **clip_kw), t5],
+            tokenizers=[vocab_tok, T.word_tokenizer(max_length=text_tokens)], defaults=defaults)
+    if preset == "sd35-medium":
+        tr = T.sd3_transformer(sample_size=image_size // 1, latent_channels=16, layers=2, heads=24, head_dim=64,
+                               text_dim=4096, pooled_dim=2048, seed=0, dual_attention_layers=(0,),
+                               qk_norm="rms_norm", pos_embed_max_size=384)
+        return T.assemble_pipeline(
+            "sd3", scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, transformer=tr,
+            text_encoders=[T.clip_text_encoder(vocab, 768, projection=True, **clip_kw),
+                           T.clip_text_encoder(vocab, 1280, projection=True, **clip_kw), t5],
+            tokenizers=[vocab_tok, T.word_tokenizer(max_length=77), T.word_tokenizer(max_length=text_tokens)],
+            defaults=defaults)
+    raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
 
 
-def main(argv=None) -> dict:
+def image_side(pipe, image_tokens: int) -> int:
+    from tpm.backbones import get_backbone
+
+    side = math.isqrt(image_tokens)
+    if side * side != image_tokens:
+        raise SystemExit(f"image tokens must be a square number, got {image_tokens}")
+    return side * get_backbone(pipe).token_size
+
+
+def make_rows(pipe, names: list[str], size: int) -> dict:
+    import policies
+
+    rows = {}
+    for name in names:
+        if name == "synchronous":
+            rows[name] = None
+        elif name in ("asyndm", "dm_concave"):
+            rows[name] = policies.load(name)
+        elif name == "asyndm_all_tokens":
+            base = policies.load("asyndm")
+            cls = type("AsynDMAllTokens", (type(base),), {"attention_tokens": lambda self, p, tw: None})
+            rows[name] = cls(config=base.config)
+        elif name in ("field", "field_exact"):
+            opts = {"patch": 1, "token_offsets": True}
+            if name == "field_exact":
+                opts["time_levels"] = None
+            pol = policies.FieldPolicy.for_pipeline(pipe, (size, size), **opts).eval()
+            # The heads start at zero (= synchronous); random heads give every token its own time.
+            gen = torch.Generator().manual_seed(0)
+            for head in (pol.net.grid_head, pol.net.token_head):
+                head.weight.data = torch.randn(head.weight.shape, generator=gen)
+                head.bias.data = torch.randn(head.bias.shape, generator=gen)
+            rows[name] = pol
+        else:
+            raise SystemExit(f"unknown row {name!r}")
+    return rows
+
+
+def distinct_rows(pipe, fn) -> float:
+    seen: list[int] = []
+    h = pipe.transformer.time_text_embed.register_forward_hook(lambda m, a, o: seen.append(o.shape[0]))
+    try:
+        fn()
+    finally:
+        h.remove()
+    return round(statistics.mean(seen), 1) if seen else 0.0
+
+
+def run_config(preset: str, image_tokens: int, text_tokens: int, names: list[str], args) -> dict:
+    import tpm
+
+    size = None
+    pipe = build_pipeline(preset, text_tokens, 64)
+    size = image_side(pipe, image_tokens)
+    if preset == "sd35-medium":  # pos-embed size follows the latent grid
+        pipe = build_pipeline(preset, text_tokens, size)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    common = dict(num_inference_steps=args.steps, height=size, width=size, output_type="latent",
+                  max_sequence_length=text_tokens)
+    if preset != "sd35-medium":
+        common["guidance_scale"] = 3.5
+    dtype = getattr(torch, args.dtype)
+    pipe.to(args.device, dtype)
+    rows = {n: (p if p is None else p.to(args.device)) for n, p in make_rows(pipe, names, size).items()}
+
+    def call(policy):
+        if policy == "pipe":
+            return lambda: pipe(prompts, generator=torch.Generator().manual_seed(0), **common).images
+        return lambda: tpm.sample(pipe, prompts, policy=policy, generator=torch.Generator().manual_seed(0),
+                                  **common).images
+
+    variants = {"pipe": call("pipe"), **{n: call(p) for n, p in rows.items()}}
+    ref = variants["pipe"]()
+    sync_diff = float((variants["synchronous"]() - ref).abs().max()) if "synchronous" in variants else None
+    table_rows = {n: distinct_rows(pipe, fn) for n, fn in variants.items()}
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.process_time() if args.clock == "cpu" else time.perf_counter()
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for k, fn in variants.items():
+            t0 = clock()
+            fn()
+            times[k].append(clock() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {
+        "preset": preset, "image_tokens": image_tokens, "text_tokens": text_tokens, "image": [size, size],
+        "device": args.device, "dtype": args.dtype,
+        "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
+        "width": pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim,
+        "params_M": round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e6, 1),
+        "sync_max_abs_diff_vs_pipe": sync_diff,
+        "ratio": {f"{k}/pipe": round(med[k] / med["pipe"], 3) for k in med if k != "pipe"},
+        "median_s": {k: round(v, 3) for k, v in med.items()},
+        "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "distinct_rows": table_rows,
+    }
+    if args.profile and "asyndm" in variants:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            variants["asyndm"]()
+        top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[: args.profile]
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        out["asyndm_profile_top"] = [
+            {"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
+             "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in top]
+    return out
+
+
+def parse_tokens(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        a, _, b = item.strip().partition("x")
+        pairs.append((int(a), int(b)))
+    return pairs
+
+
+def main(argv=None, quiet: bool = False) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--width", type=int, default=256, help="transformer width (heads x 64)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--preset", default="width256", choices=sorted(PRESETS))
+    ap.add_argument("--tokens", default=None, help="image x text token counts, e.g. 256x16,1024x512 (preset's)")
+    ap.add_argument("--rows", default=None, help="comma list of rows (preset's); see the module docstring")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--size", type=int, default=32, help="image side in pixels (token grid = size / 2)")
-    # One thread by default: on a shared, loaded CPU, multi-threaded tiny ops mostly wait on each other.
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu: process CPU time (use with one thread); wall: wall clock (use on a GPU)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--profile", type=int, default=0, help="top-N profiler operators of the asyndm row")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
-    if args.width % 64:
-        ap.error(f"--width must be a multiple of 64 (head_dim 64), got {args.width}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    pipe = build(args.width)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    common = dict(num_inference_steps=args.steps, guidance_scale=3.5, height=args.size, width=args.size,
-                  output_type="latent", max_sequence_length=16)
-
-    import policies
-
-    variants = {
-        "pipe": lambda: pipe(prompts, generator=torch.Generator().manual_seed(0), **common).images,
-        "tpm_none": lambda: tpm.sample(pipe, prompts, generator=torch.Generator().manual_seed(0), **common).images,
-        "tpm_sync": lambda: tpm.sample(pipe, prompts, policy=sync, generator=torch.Generator().manual_seed(0),
-                                       **common).images,
-    }
-    sync = policies.Synchronous()
-    asyndm = None
-    try:
-        import policies.concave  # noqa: F401
-
-        asyndm = policies.load("asyndm")
-        variants["asyndm"] = lambda: tpm.sample(pipe, prompts, policy=asyndm,
-                                                generator=torch.Generator().manual_seed(0), **common).images
-    except (ImportError, policies.PolicyError) as e:
-        asyndm_error = f"{type(e).__name__}: {e}"
-    else:
-        asyndm_error = None
-
-    # correctness guard: the synchronous variants must agree before their times mean anything
-    ref = variants["pipe"]()
-    sync_diff = max((variants[k]() - ref).abs().max().item() for k in ("tpm_none", "tpm_sync"))
-
-    # distinct (sample, time) rows per transformer call (untimed)
-    rows: dict[str, list[int]] = {}
-    for name in [k for k in variants if k != "pipe"]:
-        seen: list[int] = []
-        h = pipe.transformer.time_text_embed.register_forward_hook(
-            lambda m, a, o, seen=seen: seen.append(o.shape[0]))
-        try:
-            variants[name]()
-        finally:
-            h.remove()
-        rows[name] = seen
-
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for k in variants:  # warm-up
-        variants[k]()
-    for _ in range(args.repeats):
-        for k, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-
+    preset = PRESETS[args.preset]
+    names = (args.rows or preset["rows"]).split(",")
+    configs = [run_config(args.preset, i, t, names, args) for i, t in parse_tokens(args.tokens or preset["tokens"])]
     result = {
-        "benchmark": "bench_sampler",
-        "model": {"class": "FluxTransformer2DModel (random)", "dual_blocks": 4, "single_blocks": 4,
-                  "width": args.width, "heads": args.width // 64, "head_dim": 64,
-                  "params_M": round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e6, 2)},
-        "image": [args.size, args.size], "tokens": (args.size // 2) ** 2, "text_tokens": 16,
-        "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
-        "device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "machine": platform.processor() or platform.machine(),
-        "sync_max_abs_diff_vs_pipe": sync_diff,
-        "median_s": {k: round(v, 4) for k, v in med.items()},
-        "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
-        "ratio": {f"{k}/pipe": round(med[k] / med["pipe"], 3) for k in med if k != "pipe"},
-        "distinct_rows_per_step": rows,
-        "asyndm": "policies.load('asyndm')" if asyndm is not None else f"skipped ({asyndm_error})",
+        "benchmark": "bench_sampler", "preset": args.preset, "batch": args.batch, "steps": args.steps,
+        "repeats": args.repeats, "clock": args.clock, "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "load_average": [round(x, 2) for x in os.getloadavg()],
+        "machine": platform.processor() or platform.machine(), "configs": configs,
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    if not quiet:
+        print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
     return result
 
 

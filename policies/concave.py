@@ -152,6 +152,10 @@ class Concave(Policy):
             return None
         return list(range(num_layers)) if self.config.attention_layers is None else list(self.config.attention_layers)
 
+    def attention_tokens(self, prompts: list[str], text_words: list[list[int]] | None) -> list[list[int]] | None:
+        # Eq. 7 reads the object words' maps only.
+        return None if text_words is None else self._positions(prompts, text_words)
+
     def _positions(self, prompts: list[str], text_words: list[list[int]] | None) -> list[list[int]]:
         if text_words is None:
             raise PolicyError("the backbone did not report text token positions; cannot find object tokens")

@@ -80,6 +80,9 @@ class FieldConfig:
     learn_concentration: whether the network may change kappa (by a factor up to e^3 either way).
     use_attention: read the object words' attention (captures ``attention_layers``, default all).
     sigma_min: lower cap of the conditioning time. deterministic: "mode" or "mean" when not exploring.
+    time_levels: at most this many distinct conditioning times per sample reach the backbone (finer
+    fields are snapped, :mod:`tpm.backbones.modulation`), which bounds the per-token modulation cost
+    at large token counts; ``None`` = exact. The default 64 never binds below 65 decision groups.
     """
 
     token_dim: int = 64
@@ -104,6 +107,7 @@ class FieldConfig:
     objects: list[str] | None = None
     sigma_min: float = 1e-3
     deterministic: str = "mode"
+    time_levels: int | None = 64
 
     def __post_init__(self):
         positive = ("token_dim", "text_dim", "pooled_dim", "patch", "width", "layers", "heads", "mlp_ratio",
@@ -111,6 +115,8 @@ class FieldConfig:
         bad = [n for n in positive if int(getattr(self, n)) < 1]
         if bad:
             raise PolicyError(f"field policy config: {bad} must be >= 1")
+        if self.time_levels is not None and int(self.time_levels) < 2:
+            raise PolicyError(f"field policy config: time_levels must be >= 2 or None (exact), got {self.time_levels}")
         if self.grid is None or len(self.grid) != 2 or min(self.grid) < 1:
             raise PolicyError("field policy config: grid must be the token grid [h, w] the policy acts on; "
                               "build it with FieldPolicy.for_pipeline(pipe, height=..., width=...)")
@@ -266,6 +272,15 @@ class FieldPolicy(TrainablePolicy):
             return None
         layers = self.config.attention_layers
         return list(range(num_layers)) if layers is None else list(layers)
+
+    def conditioning_time_levels(self) -> int | None:
+        return self.config.time_levels
+
+    def attention_tokens(self, prompts: list[str], text_words: list[list[int]] | None) -> list[list[int]] | None:
+        # The network reads the object words' mean map only (_object_attention).
+        if text_words is None:
+            return None
+        return [object_positions(p, tw, self.config.objects) for p, tw in zip(prompts, text_words)]
 
     def begin(self, ctx: RunContext) -> dict:
         if list(ctx.grid) != self.config.grid:

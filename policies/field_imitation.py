@@ -101,6 +101,17 @@ class _Imitator(Policy):
         b = self.field.attention_layers(num_layers)
         return None if a is None and b is None else sorted(set(a or []) | set(b or []))
 
+    def attention_tokens(self, prompts, text_words):
+        # Only the policies that capture maps at all (attention_layers is not None) have a say.
+        wanted = [p.attention_tokens(prompts, text_words) for p in (self.source, self.field)
+                  if p.attention_layers(1) is not None]
+        if not wanted or any(w is None for w in wanted):  # one of them reads every token
+            return None
+        return [sorted(set().union(*rows)) for rows in zip(*wanted)]
+
+    def conditioning_time_levels(self):
+        return self.source.conditioning_time_levels()
+
     def known_region(self):
         return self.source.known_region()
 

@@ -175,6 +175,23 @@ class Policy(nn.Module):
         """Raise :class:`PolicyError` if this policy has no meaning on ``backbone`` (a
         ``tpm.backbones.Backbone``); called once per run before anything is computed."""
 
+    def attention_tokens(self, prompts: list[str], text_words: list[list[int]] | None) -> list[list[int]] | None:
+        """Per sample, the text positions whose maps this policy reads; ``None`` (default) = all.
+
+        Asked only when :meth:`attention_layers` is not ``None``. Naming the positions lets the
+        backbone compute the maps of those tokens only (AsynDM reads only the object words').
+        The maps at the other positions may then be zero in ``State.attention``.
+        """
+        return None
+
+    def conditioning_time_levels(self) -> int | None:
+        """At most this many distinct conditioning times per sample and step, or ``None`` (exact).
+
+        Bounds the cost of per-token time modulation for fields in which every token may have
+        its own time (:mod:`tpm.backbones.modulation`); ``tpm.sample(time_levels=...)`` overrides.
+        """
+        return None
+
     def begin(self, ctx: RunContext) -> dict[str, Any]:
         """Called once per run; returns the initial ``State.memory``."""
         return {}

@@ -214,12 +214,14 @@ def denoise(
     input_guidance_time: float = 1.0,
     callback: StepCallback | None = None,
     nfe_offset: int = 0,
+    attention_tokens: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, Trajectory | None]:
     """The loop itself, on native latents. Returns the final latents (in the layout the pipeline
     decodes, :meth:`Backbone.finish`) and, if ``record``, the trajectory.
 
     ``callback(out)`` runs after every step with a :class:`StepOutput`; ``nfe_offset`` is the
     number of evaluations already spent in this run (a reference run), where ``out.nfe`` starts.
+    ``attention_tokens`` limits the captured maps to those text positions per sample.
     """
     bsz = latents.shape[0]
     num_steps = sigmas.shape[0] - 1
@@ -235,6 +237,8 @@ def denoise(
     nfe_per_step = backbone.evaluations_per_call(cond) * (2 if input_guidance else 1)
     nfe = nfe_offset
     tokens = backbone.to_tokens(latents)
+    # Passed only when some maps are limited, so backbones without the option keep working.
+    token_kwargs = {"attention_tokens": attention_tokens} if attention_layers and attention_tokens is not None else {}
     velocity = x0 = attention = None
     for k in tqdm(range(num_steps), disable=not progress, desc="denoising", leave=False):
         state = State(
@@ -246,7 +250,7 @@ def denoise(
         _check_action(action, tau, k)
         _check_known_kept(known, action, policy)
         tau_cond = tau if action.tau_cond is None else action.tau_cond
-        pred = backbone.predict(latents, tau_cond, cond, attention_layers=attention_layers)
+        pred = backbone.predict(latents, tau_cond, cond, attention_layers=attention_layers, **token_kwargs)
         v = pred.velocity
         if input_guidance:
             v = _input_guidance(backbone, known, latents, tau_cond, cond, v, input_guidance, input_guidance_time, grid)
@@ -284,6 +288,7 @@ def sample(
     latents: torch.Tensor | None = None,
     max_sequence_length: int | None = None,
     time_resolution: float | None = None,
+    time_levels: int | None | str = "policy",
     progress: bool = False,
     input_guidance: float = 0.0,
     input_guidance_time: float = 1.0,
@@ -295,17 +300,23 @@ def sample(
     is synchronous and reproduces ``pipe(prompt, ...)``. ``return_trajectory=True`` also
     returns per-step fields, conditioning fields, masks, latents and attention maps.
     ``callback(out)`` runs after every step with a :class:`StepOutput`.
-    ``time_resolution`` optionally quantises conditioning times (see
-    :mod:`tpm.backbones.modulation`). ``input_guidance`` (lambda, 0 = off) and
+    ``time_resolution`` optionally quantises conditioning times, and ``time_levels`` bounds the
+    distinct conditioning times per sample (see :mod:`tpm.backbones.modulation`); the default
+    ``"policy"`` takes the policy's ``conditioning_time_levels()`` (64 for learned per-token fields,
+    ``None`` = exact for the others). ``input_guidance`` (lambda, 0 = off) and
     ``input_guidance_time`` apply AsyncPatch's input guidance to policies with a known region
     (module docstring); it costs a second backbone call per step.
     """
-    backbone = get_backbone(pipe, time_resolution=time_resolution)
     prompts = _as_list(prompt)
     if policy is None:
         policy = Synchronous()
     if not isinstance(policy, Policy):
         raise PolicyError(f"policy must be a tpm Policy (got {type(policy).__name__}); use policies.load(name)")
+    if time_levels == "policy":
+        time_levels = policy.conditioning_time_levels()
+    elif time_levels is not None and (not isinstance(time_levels, int) or time_levels < 2):
+        raise PolicyError(f'time_levels must be an int >= 2, None (exact) or "policy", got {time_levels!r}')
+    backbone = get_backbone(pipe, time_resolution=time_resolution, time_levels=time_levels)
     policy.check_backbone(backbone)
     steps = num_inference_steps if num_inference_steps is not None else backbone.call_default("num_inference_steps")
     if steps is None or int(steps) < 1:
@@ -328,6 +339,7 @@ def sample(
         raise ValueError(f"policy asks for attention layers {layers}, but the model has {n_layers} "
                          f"joint-attention layers (indices 0..{n_layers - 1})")
     text_words = backbone.text_words(prompts, cond.extras["max_sequence_length"])
+    tokens = policy.attention_tokens(prompts, text_words) if layers is not None else None
     spent = [0]  # evaluations of reference runs, counted into the main run's NFE
 
     def reference_run(ref_layers: list[int] | None):
@@ -335,7 +347,8 @@ def sample(
             spent[0] = out.nfe
 
         _, ref = denoise(backbone, x.clone(), cond, sigmas, Synchronous(), {}, grid, text_words,
-                         ref_layers, record=True, callback=count, nfe_offset=spent[0])
+                         ref_layers, record=True, callback=count, nfe_offset=spent[0],
+                         attention_tokens=policy.attention_tokens(prompts, text_words))
         return ref
 
     ctx = RunContext(batch_size=len(prompts), grid=grid, num_steps=int(steps), prompts=prompts,
@@ -343,6 +356,7 @@ def sample(
     memory = policy.begin(ctx)
     x, traj = denoise(backbone, x, cond, sigmas, policy, memory, grid, text_words, layers,
                       record=return_trajectory, progress=progress, input_guidance=input_guidance,
-                      input_guidance_time=input_guidance_time, callback=callback, nfe_offset=spent[0])
+                      input_guidance_time=input_guidance_time, callback=callback, nfe_offset=spent[0],
+                      attention_tokens=tokens)
     images = backbone.decode_images(x, height, width, output_type)
     return SampleOutput(images=images, trajectory=traj)

@@ -85,7 +85,8 @@ class TransformerCase:
         return self.tr(hidden_states=x, timestep=tau_per_sample * 1000, encoder_hidden_states=self.ctx,
                        pooled_projections=self.pooled, return_dict=False)[0]
 
-    def ours(self, field: torch.Tensor, layers=None, time_resolution=None, x=None, img_ids=None):
+    def ours(self, field: torch.Tensor, layers=None, time_resolution=None, x=None, img_ids=None, tokens=None,
+             time_levels=None):
         """tpm's per-token forward on a (B, h, w) field; returns (output, maps)."""
         from tpm.backbones import flux_transformer_forward, sd3_transformer_forward
 
@@ -95,9 +96,11 @@ class TransformerCase:
                 self.tr, x, field.reshape(field.shape[0], -1), self.ctx, self.pooled,
                 self.img_ids if img_ids is None else img_ids, self.txt_ids, guidance=self.guidance,
                 attention_layers=layers, grid=self.grid, time_resolution=time_resolution,
+                attention_tokens=tokens, time_levels=time_levels,
             )
         return sd3_transformer_forward(self.tr, x, field, self.ctx, self.pooled, attention_layers=layers,
-                                       time_resolution=time_resolution)
+                                       time_resolution=time_resolution, attention_tokens=tokens,
+                                       time_levels=time_levels)
 
     @property
     def num_layers(self) -> int:

@@ -44,6 +44,51 @@ def test_text_probs_equal_brute_force(method, layout):
     assert bool((total > 0).all()) and bool((total < 1).all())
 
 
+@pytest.mark.parametrize("method", ["lse", "onehot"])
+def test_selected_text_probs_equal_brute_force_columns(method):
+    """Only some text tokens per sample (different counts, one sample with none): the columns
+    of the brute-force joint softmax at those positions, and the attention output unchanged."""
+    gen = torch.Generator().manual_seed(1)
+    b, h, n_img, n_txt, d = 3, 2, 12, 7, 8
+    q, k, v = (torch.randn(b, h, n_txt + n_img, d, generator=gen) * 2 for _ in range(3))
+    img, txt = slice(n_txt, None), slice(0, n_txt)
+    rec = AttentionRecorder([0], tokens=[[4, 1], [6], []])
+    index = rec.index(q.device)
+    assert index.tolist() == [[4, 1], [6, 6], [0, 0]]  # padded with the first position (or 0)
+    out, probs = attention_with_text_probs(q, k, v, img, txt, method=method, tokens=index)
+    full = brute_force_text_probs(q, k, img, txt)
+    assert probs.shape == (b, n_img, 2)
+    assert torch.allclose(probs[0], full[0][:, [4, 1]], atol=1e-5)
+    assert torch.allclose(probs[1, :, 0], full[1][:, 6], atol=1e-5)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+    rec.add(probs)
+    maps = rec.result((3, 4), n_text=n_txt)
+    assert maps.shape == (b, n_txt, 3, 4)
+    ref = full.transpose(1, 2).reshape(b, n_txt, 3, 4)
+    assert torch.allclose(maps[0, [1, 4]], ref[0, [1, 4]], atol=1e-5)
+    assert torch.allclose(maps[1, 6], ref[1, 6], atol=1e-5)
+    kept = torch.zeros(b, n_txt, dtype=torch.bool)
+    kept[0, [1, 4]] = kept[1, 6] = True
+    assert bool((maps[~kept] == 0).all())  # positions nobody asked for are zero
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_route_equals_brute_force(dtype):
+    """On CUDA the maps come from the efficient-attention kernel's log-sum-exp."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 40, 64, generator=gen).to("cuda", dtype) for _ in range(3))
+    img, txt = slice(8, None), slice(0, 8)
+    tokens = torch.tensor([[1, 5], [7, 7]], device="cuda")
+    out, probs = attention_with_text_probs(q, k, v, img, txt, method="lse", tokens=tokens)
+    full = brute_force_text_probs(q.float(), k.float(), img, txt)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(probs[0], full[0][:, [1, 5]], atol=tol)
+    assert torch.allclose(probs[1, :, 0], full[1][:, 7], atol=tol)
+    assert torch.allclose(out.float(), F.scaled_dot_product_attention(q, k, v).float(), atol=tol)
+
+
 def test_brute_force_reference_is_a_joint_softmax():
     """Hand check of the reference on one head: P[i, j] = exp(q_i.k_j s) / sum_l exp(q_i.k_l s)."""
     q = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]])
@@ -144,6 +189,26 @@ def test_forward_maps_equal_brute_force(name):
     layers = [0, case.num_layers - 1]
     out, maps = case.ours(field, layers=layers)
     assert torch.allclose(maps, _reference_maps(case, records, layers), atol=1e-5)
+    assert (out - plain).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "sd35"])
+@torch.no_grad()
+def test_forward_maps_of_selected_tokens_equal_brute_force(name):
+    case = TransformerCase(name, shared_pipeline(name).transformer)
+    field = two_level_field(2, case.grid)
+    with record_joint_qk(case.tr) as records:
+        plain, _ = case.ours(field)
+    layers = [0, case.num_layers - 1]
+    last = case.n_txt - 1
+    tokens = [[last, 1], [last]]
+    out, maps = case.ours(field, layers=layers, tokens=tokens)
+    ref = _reference_maps(case, records, layers)
+    assert maps.shape == ref.shape
+    assert torch.allclose(maps[0, [1, last]], ref[0, [1, last]], atol=1e-5)
+    assert torch.allclose(maps[1, last], ref[1, last], atol=1e-5)
+    others = [i for i in range(case.n_txt) if i not in (1, last)]
+    assert float(maps[0, others].abs().max()) == 0.0 and float(maps[1, :last].abs().max()) == 0.0
     assert (out - plain).abs().max() <= 1e-5
 
 

@@ -179,6 +179,57 @@ def test_time_resolution_rounds_before_deduplication():
     assert torch.equal(tt.image_rows(tt.table)[0, :, 0], torch.tensor([300.0, 300.0, 400.0, 500.0]))
 
 
+def test_time_levels_snap_only_samples_with_more_distinct_times():
+    from tpm.backbones.modulation import snap_to_levels
+
+    tau = torch.tensor([[0.0, 0.1, 0.3, 0.9, 1.0],     # 5 distinct > 3 levels: snapped to {0, .5, 1}
+                        [0.2, 0.2, 0.7, 0.7, 0.2],     # 2 distinct: untouched
+                        [0.3, 0.31, 0.32, 0.33, 0.3]])  # 4 distinct: levels 0.3, 0.315, 0.33
+    out = snap_to_levels(tau, 3)
+    assert torch.allclose(out[0], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    assert torch.equal(out[1], tau[1])
+    assert torch.allclose(out[2], torch.tensor([0.3, 0.315, 0.315, 0.33, 0.3]))
+    # every time moves by at most half a level spacing, (max - min) / (2 (levels - 1))
+    assert float((out[2] - tau[2]).abs().max()) <= 0.03 / 4 + 1e-7
+    with pytest.raises(ValueError, match=">= 2"):
+        snap_to_levels(tau, 1)
+
+
+def test_time_levels_bound_the_table():
+    def embed(times, idx):
+        return torch.stack([times, idx.float()], dim=1)
+
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.rand(2, 100, generator=gen) * 1000  # 100 distinct image times per sample
+    assert build_token_time(tau, embed).num_distinct == 2 * 101
+    from tpm.backbones.modulation import snap_to_levels
+
+    tt = build_token_time(snap_to_levels(tau, 8), embed)
+    assert tt.num_distinct <= 2 * (8 + 1)
+    img = tt.image_rows(tt.table)[..., 0]
+    spacing = (tau.amax(1) - tau.amin(1)) / 7
+    assert bool(((img - tau).abs() <= spacing[:, None] / 2 + 1e-3).all())
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+@torch.no_grad()
+def test_time_levels_in_forward(name):
+    """A field with every token at its own time: with as many levels as tokens the forward is
+    exact; with 2 levels it equals the forward of the snapped field."""
+    case = _case(name)
+    n = case.grid[0] * case.grid[1]
+    field = torch.linspace(0.2, 0.8, 2 * n).reshape(2, *case.grid)
+    exact, _ = case.ours(field)
+    same, _ = case.ours(field, time_levels=n)
+    assert _diff(same, exact) == 0
+    coarse, _ = case.ours(field, time_levels=2)
+    lo, hi = field.reshape(2, -1).amin(1), field.reshape(2, -1).amax(1)
+    mid = ((lo + hi) / 2)[:, None, None]
+    snapped = torch.where(field < mid, lo[:, None, None], hi[:, None, None])
+    ref, _ = case.ours(snapped)
+    assert _diff(coarse, ref) <= TOL and _diff(coarse, exact) > 0
+
+
 @pytest.mark.parametrize("name", ["flux_guidance", "sd35"])
 @torch.no_grad()
 def test_forward_embeds_once_per_distinct_pair(name):

@@ -158,3 +158,43 @@ def test_closed_form_shift_equals_bisection(schedule, weight):
         by_bisection = concave_next(f, step, k, t)
         by_closed_form = concave_next(f, step, k, t, CLOSED_FORM_SHIFTS[schedule], weight)
         assert torch.allclose(by_bisection, by_closed_form, atol=1e-7)
+
+
+class _AllTokenMaps:
+    """Mixin: ask for every text token's map (the behaviour before object-token capture)."""
+
+    def attention_tokens(self, prompts, text_words):
+        return None
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.parametrize("layers", [None, [1]])
+@torch.no_grad()
+def test_object_token_maps_leave_asyndm_fields_unchanged(name, layers):
+    """On the trained testbed, AsynDM with maps for the object words only gives the same fields,
+    masks and images as with maps for every text token, for the same captured layers."""
+    import tpm
+    from tpm.testbed.models import call_kwargs, load_pipeline
+
+    pipe = load_pipeline(name)
+    prompts = ["a red circle left of a blue square", "two green triangles above a yellow star"]
+    kwargs = dict(call_kwargs(pipe, num_inference_steps=6), output_type="latent", return_trajectory=True)
+    opts = {} if layers is None else {"attention_layers": layers}
+    fast = policies.load("asyndm", **opts)
+    full_cls = type("AllTokens", (_AllTokenMaps, type(fast)), {})
+    full = full_cls(config=fast.config)
+    runs = [tpm.sample(pipe, prompts, policy=p, generator=torch.Generator().manual_seed(3), **kwargs)
+            for p in (fast, full)]
+    a, b = runs[0].trajectory, runs[1].trajectory
+    assert any(not bool(m.all()) for m in a.masks[1:])  # the masks do select part of the image
+    for x, y in zip(a.tau, b.tau):
+        assert torch.equal(x, y)
+    for x, y in zip(a.masks, b.masks):
+        assert torch.equal(x, y)
+    assert torch.allclose(runs[0].images, runs[1].images, atol=1e-5)
+    # the fast run computed maps at the object positions only
+    pos = fast.attention_tokens(prompts, a.text_words)
+    for i, p in enumerate(pos):
+        others = [j for j in range(a.attention[0].shape[1]) if j not in p]
+        assert float(a.attention[0][i, others].abs().max()) == 0.0
+        assert torch.allclose(a.attention[0][i, p], b.attention[0][i, p], atol=1e-6)

@@ -62,6 +62,7 @@ def test_device_and_dtype(make, name, images, prompts):
     assert (out - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", SCORERS)
 def test_cuda(make, name, images, prompts):

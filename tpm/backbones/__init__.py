@@ -16,13 +16,13 @@ BACKBONES: dict[str, type[Backbone]] = {"flux": FluxBackbone, "sd3": SD3Backbone
 SUPPORTED_PIPELINES = tuple(cls.pipeline_class_name for cls in BACKBONES.values())
 
 
-def get_backbone(pipe, time_resolution: float | None = None) -> Backbone:
+def get_backbone(pipe, time_resolution: float | None = None, time_levels: int | None = None) -> Backbone:
     """The adapter for ``pipe``; raises :class:`BackboneError` for unsupported pipelines."""
     if isinstance(pipe, Backbone):
         return pipe
     for cls in BACKBONES.values():
         if cls.accepts(pipe):
-            return cls(pipe, time_resolution=time_resolution)
+            return cls(pipe, time_resolution=time_resolution, time_levels=time_levels)
     raise BackboneError(
         f"tpm does not support {type(pipe).__name__}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)}"
     )

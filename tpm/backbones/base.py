@@ -65,10 +65,12 @@ class Backbone(abc.ABC):
     #: whether :meth:`update` is the per-token Euler step (False for per-pixel DDPM)
     euler_update: bool = True
 
-    def __init__(self, pipe, time_resolution: float | None = None):
+    def __init__(self, pipe, time_resolution: float | None = None, time_levels: int | None = None):
         self.pipe = pipe
         self.transformer = pipe.transformer
+        # Bounds on the distinct conditioning times per call (tpm.backbones.modulation).
         self.time_resolution = time_resolution
+        self.time_levels = time_levels
 
     @classmethod
     def pipeline_class(cls) -> type:
@@ -267,8 +269,14 @@ class Backbone(abc.ABC):
 
     @abc.abstractmethod
     def predict(self, latents: torch.Tensor, tau: torch.Tensor, cond: Conditioning,
-                attention_layers: list[int] | None = None) -> Prediction:
-        """Guided velocity at a per-token time field ``tau`` (B, h, w)."""
+                attention_layers: list[int] | None = None,
+                attention_tokens: list[list[int]] | None = None) -> Prediction:
+        """Guided velocity at a per-token time field ``tau`` (B, h, w).
+
+        ``attention_layers``: layers whose text->image maps are returned (averaged);
+        ``attention_tokens``: per sample, the text positions whose maps are needed (``None``:
+        all); a backbone may leave the others zero in ``Prediction.attention``.
+        """
 
     @property
     @abc.abstractmethod

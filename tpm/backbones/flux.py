@@ -19,7 +19,7 @@ import torch
 
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
 from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
-from tpm.backbones.modulation import TokenTime, build_token_time, modulate
+from tpm.backbones.modulation import TokenTime, build_token_time, modulate, snap_to_levels
 
 
 def _flux_qkv(attn, x, ctx=None):
@@ -53,7 +53,7 @@ def _flux_attention_captured(attn, x, ctx, rotary, n_txt: int, recorder: Attenti
         k = apply_rotary_emb(k, rotary, sequence_dim=1)
     out, probs = attention_with_text_probs(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        img=slice(n_txt, None), txt=slice(0, n_txt),
+        img=slice(n_txt, None), txt=slice(0, n_txt), tokens=recorder.index(q.device),
     )
     recorder.add(probs)
     out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
@@ -144,12 +144,15 @@ def flux_transformer_forward(
     attention_layers: list[int] | None = None,
     grid: tuple[int, int] | None = None,
     time_resolution: float | None = None,
+    attention_tokens: list[list[int]] | None = None,
+    time_levels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``FluxTransformer2DModel.forward`` with a per-token time ``tau`` (B, N) in [0, 1].
 
     Equals the stock forward (given ``timestep = tau``) when every sample's field is uniform.
     Returns the model output (B, N, C) and, if layers were requested, the text->image maps
-    (B, n_text, h, w) averaged over heads and the requested layers.
+    (B, n_text, h, w) averaged over heads and the requested layers; with ``attention_tokens``
+    (text positions per sample) only those positions are computed, the others are zero.
     """
     tr = transformer
     x = tr.x_embedder(hidden_states)
@@ -161,10 +164,12 @@ def flux_transformer_forward(
             return tr.time_text_embed(times, pooled_projections[idx])
         return tr.time_text_embed(times, g[idx], pooled_projections[idx])
 
+    if time_levels is not None:
+        t = snap_to_levels(t, time_levels)
     tt = build_token_time(t, embed, None if time_resolution is None else time_resolution * 1000)
     ctx = tr.context_embedder(encoder_hidden_states)
     rotary = tr.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
-    rec = AttentionRecorder(attention_layers)
+    rec = AttentionRecorder(attention_layers, attention_tokens)
     n_dual = len(tr.transformer_blocks)
     for i, block in enumerate(tr.transformer_blocks):
         x, ctx = _dual_block(block, x, ctx, tt, rotary, i, rec)
@@ -176,7 +181,7 @@ def flux_transformer_forward(
     scale, shift = emb.chunk(2, dim=-1)
     x = modulate(no.norm(x), shift, scale)
     out = tr.proj_out(x)
-    return out, (rec.result(grid) if grid is not None else None)
+    return out, (rec.result(grid, encoder_hidden_states.shape[1]) if grid is not None else None)
 
 
 class FluxBackbone(Backbone):
@@ -271,21 +276,22 @@ class FluxBackbone(Backbone):
         timesteps, _ = retrieve_timesteps(sched, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps
 
-    def _forward(self, latents, tau_tokens, embeds, pooled, text_ids, guidance, layers, grid):
+    def _forward(self, latents, tau_tokens, embeds, pooled, text_ids, guidance, layers, grid, tokens=None):
         # Position ids of the packed image tokens, as FluxPipeline.prepare_latents makes them.
         img_ids = self.pipe._prepare_latent_image_ids(latents.shape[0], grid[0], grid[1], latents.device,
                                                       latents.dtype)
         return flux_transformer_forward(
             self.transformer, latents, tau_tokens, embeds, pooled, img_ids, text_ids,
             guidance=guidance, attention_layers=layers, grid=grid, time_resolution=self.time_resolution,
+            attention_tokens=tokens, time_levels=self.time_levels,
         )
 
-    def predict(self, latents, tau, cond, attention_layers=None) -> Prediction:
+    def predict(self, latents, tau, cond, attention_layers=None, attention_tokens=None) -> Prediction:
         grid = tuple(tau.shape[1:])
         tau_tokens = tau.reshape(tau.shape[0], -1)
         guidance = cond.extras.get("guidance")
         v, attn = self._forward(latents, tau_tokens, cond.embeds, cond.pooled, cond.extras["text_ids"],
-                                guidance, attention_layers, grid)
+                                guidance, attention_layers, grid, attention_tokens)
         if cond.do_cfg:
             v_neg, _ = self._forward(latents, tau_tokens, cond.negative_embeds, cond.negative_pooled,
                                      cond.extras["negative_text_ids"], guidance, None, grid)

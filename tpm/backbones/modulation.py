@@ -11,9 +11,23 @@ When every sample's field is uniform and its text tokens share that time, the ta
 one row per sample and no gather happens: the arithmetic is then the stock forward's.
 
 Text tokens get one time per sample: the mean of that sample's image-token times (for a uniform
-field, the field's value). Optional quantisation (``resolution``) rounds image times to
-multiples of ``resolution`` before the distinct values are found, bounding the table size for
-fields with many distinct values; it is off by default (exact times).
+field, the field's value).
+
+The table is small for schedules with a few time levels (synchronous, AsynDM, patch policies),
+but a learned per-token field can give every token its own time, and then the table has one row
+per token. At FLUX.1-dev width a double block's image modulation is a 3072 -> 18432 projection,
+about three quarters of the block's image MLP, so 1024 distinct rows cost ~+25 % per step
+(``benchmarks/bench_sampler.py --per-token``). Two optional bounds:
+
+- ``levels``: a sample with more than ``levels`` distinct image times has them snapped to
+  ``levels`` evenly spaced values between its own smallest and largest time. The table then has
+  at most ``levels + 1`` rows per sample and every token is conditioned on a time within
+  ``(max - min) / (2 (levels - 1))`` of its own; samples with at most ``levels`` distinct times
+  are untouched, so synchronous and few-level fields stay exact. Learned per-token policies ask
+  for this by default (``Policy.conditioning_time_levels``).
+- ``resolution``: rounds image times to multiples of ``resolution`` (a global grid).
+
+Only the time the network is conditioned on is snapped; the sampler's update uses the exact field.
 """
 
 from __future__ import annotations
@@ -72,6 +86,21 @@ def text_time(tau_img: torch.Tensor) -> torch.Tensor:
     return tau_img.float().mean(dim=1).to(tau_img.dtype)
 
 
+def snap_to_levels(tau_img: torch.Tensor, levels: int) -> torch.Tensor:
+    """Per sample: more than ``levels`` distinct times -> ``levels`` evenly spaced values between
+    the sample's min and max (nearest); samples with at most ``levels`` distinct times unchanged."""
+    if levels < 2:
+        raise ValueError(f"time levels must be >= 2, got {levels}")
+    many = torch.tensor([torch.unique(row).numel() > levels for row in tau_img], device=tau_img.device)
+    if not bool(many.any()):
+        return tau_img
+    lo = tau_img.amin(dim=1, keepdim=True)
+    hi = tau_img.amax(dim=1, keepdim=True)
+    step = (hi - lo) / (levels - 1)
+    snapped = lo + torch.round((tau_img - lo) / step) * step
+    return torch.where(many[:, None], snapped.to(tau_img.dtype), tau_img)
+
+
 def build_token_time(
     tau_img: torch.Tensor,
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -84,6 +113,8 @@ def build_token_time(
         embed: ``embed(times (P,), sample_index (P,)) -> (P, D)``, the model's time(-text)
             embedding for each pair (it reads the sample's pooled text / guidance by index).
         resolution: if given, image times are rounded to multiples of it first.
+
+    The ``levels`` bound (:func:`snap_to_levels`) is applied by the forwards before this.
     """
     if resolution is not None:
         tau_img = torch.round(tau_img / resolution) * resolution

@@ -19,7 +19,7 @@ import torch
 
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
 from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
-from tpm.backbones.modulation import TokenTime, build_token_time, modulate
+from tpm.backbones.modulation import TokenTime, build_token_time, modulate, snap_to_levels
 
 
 def _heads(x, attn):
@@ -41,7 +41,8 @@ def _sd3_attention_captured(attn, x, ctx, rec: AttentionRecorder):
     if attn.norm_added_k is not None:
         ck = attn.norm_added_k(ck)
     q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-    out, probs = attention_with_text_probs(q, k, v, img=slice(0, n_img), txt=slice(n_img, None))
+    out, probs = attention_with_text_probs(q, k, v, img=slice(0, n_img), txt=slice(n_img, None),
+                                           tokens=rec.index(q.device))
     rec.add(probs)
     out = out.transpose(1, 2).reshape(x.shape[0], -1, attn.heads * q.shape[-1]).to(q.dtype)
     out, c_out = out[:, :n_img], out[:, n_img:]
@@ -106,12 +107,15 @@ def sd3_transformer_forward(
     pooled_projections: torch.Tensor,
     attention_layers: list[int] | None = None,
     time_resolution: float | None = None,
+    attention_tokens: list[list[int]] | None = None,
+    time_levels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``SD3Transformer2DModel.forward`` with a per-token time ``tau`` (B, h, w) in [0, 1].
 
     Equals the stock forward (given ``timestep = 1000 * tau``) when every sample's field is
     uniform. Returns the output (B, C, H, W) and the text->image maps (B, n_text, h, w) of the
-    requested layers (``None`` if none).
+    requested layers (``None`` if none); with ``attention_tokens`` (text positions per sample) only
+    those positions are computed, the others are zero.
     """
     tr = transformer
     height, width = hidden_states.shape[-2:]
@@ -123,9 +127,11 @@ def sd3_transformer_forward(
     def embed(times, idx):
         return tr.time_text_embed(times, pooled_projections[idx])
 
+    if time_levels is not None:
+        t = snap_to_levels(t, time_levels)
     tt = build_token_time(t, embed, None if time_resolution is None else time_resolution * 1000)
     ctx = tr.context_embedder(encoder_hidden_states)
-    rec = AttentionRecorder(attention_layers)
+    rec = AttentionRecorder(attention_layers, attention_tokens)
     for i, block in enumerate(tr.transformer_blocks):
         x, ctx = _joint_block(block, x, ctx, tt, i, rec)
     no = tr.norm_out
@@ -134,7 +140,7 @@ def sd3_transformer_forward(
     c = tr.out_channels
     x = x.reshape(x.shape[0], grid[0], grid[1], p, p, c)
     out = torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, grid[0] * p, grid[1] * p)
-    return out, rec.result(grid)
+    return out, rec.result(grid, encoder_hidden_states.shape[1])
 
 
 class SD3Backbone(Backbone):
@@ -216,8 +222,11 @@ class SD3Backbone(Backbone):
         timesteps, _ = retrieve_timesteps(sched, num_inference_steps, self.device, sigmas=sigmas, **kwargs)
         return timesteps
 
-    def predict(self, latents, tau, cond, attention_layers=None) -> Prediction:
+    def predict(self, latents, tau, cond, attention_layers=None, attention_tokens=None) -> Prediction:
+        tokens = attention_tokens
         if cond.do_cfg:
+            if tokens is not None:  # the batch is (unconditional, conditional); only the latter's maps are used
+                tokens = list(tokens) + list(tokens)
             x_in = torch.cat([latents, latents])
             t_in = torch.cat([tau, tau])
             embeds = torch.cat([cond.negative_embeds, cond.embeds])
@@ -225,7 +234,8 @@ class SD3Backbone(Backbone):
         else:
             x_in, t_in, embeds, pooled = latents, tau, cond.embeds, cond.pooled
         v, attn = sd3_transformer_forward(self.transformer, x_in, t_in, embeds, pooled,
-                                          attention_layers=attention_layers, time_resolution=self.time_resolution)
+                                          attention_layers=attention_layers, time_resolution=self.time_resolution,
+                                          attention_tokens=tokens, time_levels=self.time_levels)
         if cond.do_cfg:
             v_uncond, v_text = v.chunk(2)
             v = v_uncond + cond.guidance_scale * (v_text - v_uncond)

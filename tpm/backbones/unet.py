@@ -46,11 +46,12 @@ class StableDiffusionBackbone(Backbone):
     pipeline_class_name = "StableDiffusionPipeline"
     native_flow = False
 
-    def __init__(self, pipe, time_resolution: float | None = None):
+    def __init__(self, pipe, time_resolution: float | None = None, time_levels: int | None = None):
         self.pipe = pipe
         self.transformer = pipe.unet  # "the denoiser": widths and dtype are read from it
         self.unet = pipe.unet
         self.time_resolution = time_resolution
+        self.time_levels = time_levels  # accepted for one interface; UNet forwards use the exact per-pixel times
         try:
             check_unet(self.unet)
         except ValueError as e:
@@ -189,7 +190,9 @@ class StableDiffusionBackbone(Backbone):
         embeds = torch.cat([cond.negative_embeds, cond.embeds]) if cond.do_cfg else cond.embeds
         return embeds, None
 
-    def predict(self, latents, tau, cond, attention_layers=None) -> Prediction:
+    def predict(self, latents, tau, cond, attention_layers=None, attention_tokens=None) -> Prediction:
+        # attention_tokens is not needed: cross-attention over <= 77 text tokens costs little, so
+        # every token's map is computed.
         if self._time is None:  # predict before any set_timesteps (training, tests): the table needs none
             self._kind, self._time = self.kind, DiscreteTime(self.pipe.scheduler)
         tau64 = tau.to(torch.float64).clamp(0, self._time.tau_max)
