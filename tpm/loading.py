@@ -415,7 +415,8 @@ def load_lora(pipe, lora):
         if isinstance(comp, torch.nn.Module):
             comp.requires_grad_(False).eval()
     return pipe
-=======
+
+
 def model_token_size(spec: str) -> int | None:
     """Image pixels per latent token side (VAE factor x 2) read from a model's config files without
     loading weights, for checking image sizes early; None when they are not readable here (tiny
