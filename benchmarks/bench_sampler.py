@@ -5,9 +5,9 @@ Presets (random weights, real loading code paths, latents returned so the VAE de
 - ``width256`` (default): a Flux with 4 dual + 4 single blocks, 4 heads x 64, a factor-1 VAE, at
   (image, text) tokens (256, 16), (1024, 512) and (4096, 512). Rows: ``synchronous``
   (``tpm.sample`` with the pipeline's grid), ``dm_concave`` (every token on the concave
-  schedule), ``asyndm`` (cross-attention masks, default layers, maps for the object words only),
-  ``asyndm_all_tokens`` (the same, maps for every text token: the cost before object-token
-  capture), ``field`` (a random learned per-token field, ``policies.FieldPolicy`` with one decision
+  schedule), ``asyndm`` (cross-attention masks with the defaults: the last layer's maps, object
+  words only), ``asyndm_all_layers`` (every layer's maps, object words only) and ``asyndm_before``
+  (every layer, every text token: the defaults before object-token capture), ``field`` (a random learned per-token field, ``policies.FieldPolicy`` with one decision
   per token, random output heads, its default ``time_levels``) and ``field_exact`` (the same with ``time_levels=None``:
   one modulation row per token).
 - ``flux-dev``: FLUX.1-dev widths (24 heads x 128, joint 4096, pooled 768, guidance embedding,
@@ -24,9 +24,16 @@ clock. ``distinct_rows`` is the mean number of rows of the per-step time-embeddi
 batch size for synchronous fields). ``--profile`` adds the torch profiler's top operators for
 the asyndm row.
 
+``--forward`` times one transformer call instead of whole sampling runs, which isolates the
+per-token time cost at large widths (where a sampling run on a CPU takes minutes): the stock
+forward at one time per sample, tpm's forward with that uniform field (``uniform``), with a
+random field in which every image token has its own time (``per_token_exact``), and with the same
+field bounded to the per-token policies' default 64 time levels (``per_token_levels64``).
+
     python benchmarks/bench_sampler.py                                   # width 256, three token counts
     python benchmarks/bench_sampler.py --preset flux-dev --steps 2 --repeats 3
     python benchmarks/bench_sampler.py --preset sd35-medium --steps 2 --repeats 3
+    python benchmarks/bench_sampler.py --preset flux-dev --forward --batch 1 --repeats 3
     python benchmarks/bench_sampler.py --tokens 256x16 --steps 2 --repeats 1   # a quick smoke run
 """
 
@@ -50,7 +57,7 @@ PROMPTS = [
 ]
 PRESETS = {
     "width256": {"tokens": "256x16,1024x512,4096x512",
-                 "rows": "synchronous,dm_concave,asyndm,asyndm_all_tokens,field,field_exact"},
+                 "rows": "synchronous,dm_concave,asyndm,asyndm_all_layers,asyndm_before,field,field_exact"},
     "flux-dev": {"tokens": "1024x512", "rows": "synchronous,field,field_exact"},
     "sd35-medium": {"tokens": "1024x512", "rows": "synchronous,field,field_exact"},
     "tiny": {"tokens": "64x16", "rows": "synchronous,asyndm,dm_concave,field"},  # smoke runs (gpu_check --dry-run)
@@ -114,8 +121,10 @@ def make_rows(pipe, names: list[str], size: int) -> dict:
             rows[name] = None
         elif name in ("asyndm", "dm_concave"):
             rows[name] = policies.load(name)
-        elif name == "asyndm_all_tokens":
-            base = policies.load("asyndm")
+        elif name == "asyndm_all_layers":
+            rows[name] = policies.load("asyndm", attention_layers="all")
+        elif name == "asyndm_before":
+            base = policies.load("asyndm", attention_layers="all")
             cls = type("AsynDMAllTokens", (type(base),), {"attention_tokens": lambda self, p, tw: None})
             rows[name] = cls(config=base.config)
         elif name in ("field", "field_exact"):
@@ -212,6 +221,81 @@ def run_config(preset: str, image_tokens: int, text_tokens: int, names: list[str
     return out
 
 
+def run_forward(preset: str, image_tokens: int, text_tokens: int, args) -> dict:
+    """One transformer call: stock vs tpm's forward with uniform, per-token and level-bounded fields."""
+    from tpm.backbones import flux_transformer_forward, get_backbone, sd3_transformer_forward
+
+    pipe = build_pipeline(preset, text_tokens, 64)
+    size = image_side(pipe, image_tokens)
+    if preset == "sd35-medium":
+        pipe = build_pipeline(preset, text_tokens, size)
+    tr = pipe.transformer.to(args.device, getattr(torch, args.dtype))
+    bb = get_backbone(pipe)
+    grid = bb.grid(size, size)
+    b, n = args.batch, grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(0)
+    dt = next(tr.parameters()).dtype
+    flux = preset != "sd35-medium"
+    cfg = tr.config
+    ctx = torch.randn(b, text_tokens, cfg.joint_attention_dim, generator=gen).to(args.device, dt)
+    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=gen).to(args.device, dt)
+    tau = torch.full((b,), 0.6)
+    per_token = (0.6 + 0.1 * (torch.rand(b, n, generator=gen) - 0.5)).to(args.device)  # all distinct
+    if flux:
+        x = torch.randn(b, n, cfg.in_channels, generator=gen).to(args.device, dt)
+        img_ids = pipe._prepare_latent_image_ids(b, grid[0], grid[1], args.device, dt)
+        txt_ids = torch.zeros(text_tokens, 3, device=args.device, dtype=dt)
+        guidance = torch.full((b,), 3.5, device=args.device) if cfg.guidance_embeds else None
+
+        def stock():
+            return tr(hidden_states=x, timestep=tau.to(args.device, dt), guidance=guidance, pooled_projections=pooled,
+                      encoder_hidden_states=ctx, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+        def ours(field, levels=None):
+            return flux_transformer_forward(tr, x, field, ctx, pooled, img_ids, txt_ids, guidance=guidance,
+                                            grid=grid, time_levels=levels)[0]
+    else:
+        p = cfg.patch_size
+        x = torch.randn(b, cfg.in_channels, grid[0] * p, grid[1] * p, generator=gen).to(args.device, dt)
+
+        def stock():
+            return tr(hidden_states=x, timestep=(tau * 1000).to(args.device, dt), encoder_hidden_states=ctx,
+                      pooled_projections=pooled, return_dict=False)[0]
+
+        def ours(field, levels=None):
+            return sd3_transformer_forward(tr, x, field.reshape(b, *grid), ctx, pooled, time_levels=levels)[0]
+
+    uniform = tau[:, None].expand(b, n).to(args.device)
+    variants = {"stock": stock, "uniform": lambda: ours(uniform), "per_token_exact": lambda: ours(per_token),
+                "per_token_levels64": lambda: ours(per_token, 64)}
+    cuda = torch.device(args.device).type == "cuda"
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.process_time() if args.clock == "cpu" else time.perf_counter()
+
+    with torch.no_grad():
+        diff = float((variants["uniform"]() - stock()).abs().max())
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.repeats):
+            for k, fn in variants.items():
+                t0 = clock()
+                fn()
+                times[k].append(clock() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "preset": preset, "mode": "forward", "image_tokens": n, "text_tokens": text_tokens, "batch": b,
+        "width": cfg.num_attention_heads * cfg.attention_head_dim,
+        "blocks": [len(tr.transformer_blocks), len(getattr(tr, "single_transformer_blocks", []))],
+        "params_M": round(sum(q.numel() for q in tr.parameters()) / 1e6, 1),
+        "uniform_max_abs_diff_vs_stock": diff,
+        "ratio": {f"{k}/stock": round(med[k] / med["stock"], 3) for k in med if k != "stock"},
+        "median_s": {k: round(v, 3) for k, v in med.items()},
+        "all_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+    }
+
+
 def parse_tokens(text: str) -> list[tuple[int, int]]:
     pairs = []
     for item in text.split(","):
@@ -234,6 +318,7 @@ def main(argv=None, quiet: bool = False) -> dict:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--profile", type=int, default=0, help="top-N profiler operators of the asyndm row")
+    ap.add_argument("--forward", action="store_true", help="time one transformer call (see the docstring)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -241,7 +326,9 @@ def main(argv=None, quiet: bool = False) -> dict:
     torch.manual_seed(0)
     preset = PRESETS[args.preset]
     names = (args.rows or preset["rows"]).split(",")
-    configs = [run_config(args.preset, i, t, names, args) for i, t in parse_tokens(args.tokens or preset["tokens"])]
+    run = (lambda i, t: run_forward(args.preset, i, t, args)) if args.forward else (
+        lambda i, t: run_config(args.preset, i, t, names, args))
+    configs = [run(i, t) for i, t in parse_tokens(args.tokens or preset["tokens"])]
     result = {
         "benchmark": "bench_sampler", "preset": args.preset, "batch": args.batch, "steps": args.steps,
         "repeats": args.repeats, "clock": args.clock, "torch_threads": torch.get_num_threads(),
