@@ -114,8 +114,8 @@ class ConcaveConfig:
     mask: str = "cross_attention"  # cross_attention | fixed | user | all
     weight: float = 1.0  # w in f' = w f + (1 - w) g; 1 = the plain concave schedule
     objects: list[str] | None = None  # object words; None = found from the prompt
-    # Layers averaged for the maps: None = the last joint-attention layer (DEFAULT_LAYERS), "all" = every
-    # layer, or a list of indices.
+    # Layers averaged for the maps: None = the backbone's default (Backbone.default_attention_layers: the
+    # last layer of a DiT, the 1/4-resolution layers of a UNet), "all" = every layer, or a list of indices.
     attention_layers: list[int] | str | None = None
     user_mask_shape: list[int] | None = None  # shape of the saved user mask, (h, w) or (B, h, w)
 
@@ -127,18 +127,8 @@ class ConcaveConfig:
         if not 0.0 < self.weight <= 1.0:
             raise PolicyError(f"weight must be in (0, 1], got {self.weight}")
         if isinstance(self.attention_layers, str) and self.attention_layers != "all":
-            raise PolicyError(f'attention_layers must be a list of layer indices, "all" or None (the default, '
-                              f'the last layer), got {self.attention_layers!r}')
-
-
-def default_layers(num_layers: int) -> list[int]:
-    """The layers whose maps AsynDM's masks read by default: the last joint-attention layer.
-
-    Chosen on the testbed's val prompts by ``benchmarks/attention_layers.py`` (Eq. 7 masks against
-    rendered object boxes): the last layer's masks overlapped the boxes best (IoU 0.051 vs 0.011 for
-    the average of all layers) and one layer costs least to capture.
-    """
-    return [num_layers - 1]
+            raise PolicyError(f'attention_layers must be a list of layer indices, "all" or None (the backbone\'s '
+                              f'default), got {self.attention_layers!r}')
 
 
 @register_policy("concave")
@@ -165,12 +155,17 @@ class Concave(Policy):
     def attention_layers(self, num_layers: int) -> list[int] | None:
         if self.config.mask != "cross_attention":
             return None
-        return self._layers(num_layers)
+        return self._layers(num_layers, [num_layers - 1])
 
-    def _layers(self, num_layers: int) -> list[int]:
+    def attention_layers_for(self, backbone) -> list[int] | None:
+        if self.config.mask != "cross_attention":
+            return None
+        return self._layers(backbone.num_attention_layers, backbone.default_attention_layers())
+
+    def _layers(self, num_layers: int, default: list[int] | None) -> list[int]:
         chosen = self.config.attention_layers
         if chosen is None:
-            return default_layers(num_layers)
+            return list(default) if default is not None else [num_layers - 1]
         return list(range(num_layers)) if chosen == "all" else list(chosen)
 
     def attention_tokens(self, prompts: list[str], text_words: list[list[int]] | None) -> list[list[int]] | None:
@@ -187,7 +182,7 @@ class Concave(Policy):
         if self.config.mask == "fixed":
             if ctx.reference_run is None:
                 raise PolicyError('mask="fixed" needs a synchronous reference run; use tpm.sample')
-            layers = self._layers(ctx.num_attention_layers)
+            layers = self._layers(ctx.num_attention_layers, ctx.default_attention_layers)
             ref = ctx.reference_run(layers)
             avg = torch.stack([a for a in ref.attention if a is not None]).mean(0)
             memory["fixed_mask"] = attention_mask(avg, self._positions(ctx.prompts, ref.text_words))

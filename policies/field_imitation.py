@@ -101,6 +101,11 @@ class _Imitator(Policy):
         b = self.field.attention_layers(num_layers)
         return None if a is None and b is None else sorted(set(a or []) | set(b or []))
 
+    def attention_layers_for(self, backbone):
+        a = self.source.attention_layers_for(backbone)
+        b = self.field.attention_layers_for(backbone)
+        return None if a is None and b is None else sorted(set(a or []) | set(b or []))
+
     def attention_tokens(self, prompts, text_words):
         # Only the policies that capture maps at all (attention_layers is not None) have a say.
         wanted = [p.attention_tokens(prompts, text_words) for p in (self.source, self.field)

@@ -122,6 +122,7 @@ class RunContext:
     prompts: list[str]
     num_attention_layers: int
     reference_run: Callable[[list[int] | None], Any] | None = None
+    default_attention_layers: list[int] | None = None  # the backbone's (Backbone.default_attention_layers)
 
 
 def register_policy(name: str):
@@ -170,6 +171,11 @@ class Policy(nn.Module):
         ``None`` (the default) means no capture, so the backbone runs at full speed.
         """
         return None
+
+    def attention_layers_for(self, backbone) -> list[int] | None:
+        """:meth:`attention_layers` for ``backbone`` (what the sampler asks); policies that use the
+        backbone's default layers override this."""
+        return self.attention_layers(backbone.num_attention_layers)
 
     def check_backbone(self, backbone) -> None:
         """Raise :class:`PolicyError` if this policy has no meaning on ``backbone`` (a

@@ -333,7 +333,7 @@ def sample(
     sigmas, _ = backbone.set_timesteps(int(steps), x)
     x = backbone.start(x, sigmas)
     grid = backbone.grid(height, width)
-    layers = policy.attention_layers(backbone.num_attention_layers)
+    layers = policy.attention_layers_for(backbone)
     n_layers = backbone.num_attention_layers
     if layers is not None and any(not 0 <= i < n_layers for i in layers):
         raise ValueError(f"policy asks for attention layers {layers}, but the model has {n_layers} "
@@ -352,7 +352,8 @@ def sample(
         return ref
 
     ctx = RunContext(batch_size=len(prompts), grid=grid, num_steps=int(steps), prompts=prompts,
-                     num_attention_layers=backbone.num_attention_layers, reference_run=reference_run)
+                     num_attention_layers=backbone.num_attention_layers, reference_run=reference_run,
+                     default_attention_layers=backbone.default_attention_layers())
     memory = policy.begin(ctx)
     x, traj = denoise(backbone, x, cond, sigmas, policy, memory, grid, text_words, layers,
                       record=return_trajectory, progress=progress, input_guidance=input_guidance,

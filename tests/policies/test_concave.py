@@ -198,3 +198,21 @@ def test_object_token_maps_leave_asyndm_fields_unchanged(name, layers):
         others = [j for j in range(a.attention[0].shape[1]) if j not in p]
         assert float(a.attention[0][i, others].abs().max()) == 0.0
         assert torch.allclose(a.attention[0][i, p], b.attention[0][i, p], atol=1e-6)
+
+
+def test_default_attention_layers_come_from_the_backbone():
+    """None = the backbone's default: a DiT's last layer (benchmarks/attention_layers.py), every
+    1/4-resolution cross-attention layer of a UNet (AsynDM App. B.3); "all" and lists as given."""
+    from tpm.backbones import get_backbone
+    from tpm.testing import tiny_flux_pipeline, tiny_sd_pipeline
+
+    flux = get_backbone(tiny_flux_pipeline(num_layers=2, num_single_layers=2))
+    assert flux.num_attention_layers == 4
+    assert policies.load("asyndm").attention_layers_for(flux) == [3]
+    assert policies.load("asyndm", attention_layers="all").attention_layers_for(flux) == [0, 1, 2, 3]
+    assert policies.load("asyndm", attention_layers=[0, 2]).attention_layers_for(flux) == [0, 2]
+    assert policies.load("dm_concave").attention_layers_for(flux) is None  # no maps needed
+    unet = get_backbone(tiny_sd_pipeline())
+    assert policies.load("asyndm").attention_layers_for(unet) == list(range(unet.num_attention_layers))
+    with pytest.raises(PolicyError, match='"all"'):
+        policies.load("asyndm", attention_layers="some")

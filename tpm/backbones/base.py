@@ -283,6 +283,15 @@ class Backbone(abc.ABC):
     def num_attention_layers(self) -> int:
         """How many joint-attention layers can be captured (indices 0..n-1)."""
 
+    def default_attention_layers(self) -> list[int]:
+        """Layers whose text->image maps AsynDM's masks average when the policy names none.
+
+        For the joint-attention DiTs, the last layer: on the testbed Flux its Eq. 7 masks overlapped
+        the rendered object boxes best (``benchmarks/attention_layers.py``, val prompts), and one
+        layer costs least to capture.
+        """
+        return [self.num_attention_layers - 1]
+
     # ---- text ------------------------------------------------------------------------------
     @abc.abstractmethod
     def text_words(self, prompts: list[str], max_sequence_length: int) -> list[list[int]]:

@@ -72,6 +72,10 @@ class StableDiffusionBackbone(Backbone):
     def num_attention_layers(self) -> int:
         return len(asyndm_layers(self.unet))
 
+    def default_attention_layers(self) -> list[int]:
+        # AsynDM App. B.3 averages every cross-attention layer at 1/4 of the latent resolution.
+        return list(range(self.num_attention_layers))
+
     def to_tokens(self, latents):
         b, c, h, w = latents.shape
         return latents.permute(0, 2, 3, 1).reshape(b, h * w, c)
