@@ -174,7 +174,7 @@ def test_cli_inpainting(flux_pipe, tmp_path, monkeypatch, capsys):
     Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "in.png")
     Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
     Image.fromarray(np.zeros((SIZE, SIZE + 2), np.uint8)).save(tmp_path / "wrong.png")
-    monkeypatch.setattr(cli, "load_model", lambda model, device=None: flux_pipe)
+    monkeypatch.setattr(cli, "load_model", lambda model, device=None, lora=None: flux_pipe)
     base = ["sample", "--model", "tiny:flux", "--prompt", "a red circle", "--steps", "2",
             "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "out")]
     assert cli.main([*base, "--mask", str(tmp_path / "mask.png"), "--input-guidance", "1.0"]) == 0
