@@ -111,7 +111,8 @@ def test_a_training_run_writes_the_card_with_what_it_printed(tmp_path):
                              num_heads=2, head_dim=16, num_layers=1, num_single_layers=1, text_layers=1)
     save_pipeline(build_pipeline(cfg), tmp_path / "flux", cfg, dtype=torch.float32)
     (tmp_path / "run.yaml").write_text(
-        "policy: tpm\npolicy_options: {width: 16, heads: 2, layers: 1, text_tokens: 2}\nreference_steps: 3\n"
+        "policy: tpm\nwarm_start: null\npolicy_options: {width: 16, heads: 2, layers: 1, text_tokens: 2}\n"
+        "reference_steps: 3\n"
         "grpo: {group_size: 2, batch_size: 4, rollout_batch_size: 4, minibatch_size: 2, num_inference_steps: 2, "
         "eval_prompts: 2, save_every: 0, progress: false}\n")
     train_main(["--config", str(tmp_path / "run.yaml"), "--model", str(tmp_path / "flux"), "--output-dir",
