@@ -92,7 +92,7 @@ def equivalence_bf16(ctx: dict) -> dict:
         out[name] = {"image": [size, size], "max_abs_diff": diff,
                      "relative": diff / max(float(ref.abs().max()), 1e-12)}
         pipe.to("cpu")
-    return out
+    return {"cases": out}
 
 
 def sampler_4096(ctx: dict) -> dict:

@@ -25,7 +25,7 @@ def test_dry_run_every_section_passes(tmp_path):
     for name in ("cuda_tests", "equivalence_bf16", "sampler_4096", "grpo_sd35_medium"):
         assert res[name]["status"] == "ok", (name, res[name])
     assert "collected" in res["cuda_tests"]["summary"] or "selected" in res["cuda_tests"]["summary"]
-    for name, eq in res["equivalence_bf16"].items():
+    for name, eq in res["equivalence_bf16"]["cases"].items():
         assert eq["relative"] < 0.05, name  # bfloat16 on both sides; the same arithmetic up to op order
     ratios = res["sampler_4096"]["configs"][0]["ratio"]
     assert set(ratios) == {"synchronous/pipe", "asyndm/pipe", "dm_concave/pipe", "field/pipe"}
