@@ -86,8 +86,8 @@ def _capture(attn, x, ctx, rotary, n_txt: int, rec: AttentionRecorder):
 
 def _dual_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: AttentionRecorder):
     """FluxTransformerBlock.forward with per-token modulation for the image stream."""
-    e = tt.image_rows(tt.project(block.norm1.linear, block.norm1.silu))
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = e.chunk(6, dim=-1)
+    e = tt.image_chunks(tt.project(block.norm1.linear, block.norm1.silu), 6)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = e
     c = tt.text_rows(tt.project(block.norm1_context.linear, block.norm1_context.silu))
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c.chunk(6, dim=-1)
     nx = modulate(block.norm1.norm(x), shift_msa, scale_msa)
@@ -110,23 +110,28 @@ def _single_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: Attenti
     """FluxSingleTransformerBlock.forward with per-token modulation (text rows first)."""
     n_txt = ctx.shape[1]
     emb = tt.project(block.norm.linear, block.norm.silu)
-    e_img, e_txt = tt.image_rows(emb), tt.text_rows(emb)
+    e_img, e_txt = tt.image_chunks(emb, 3), tt.text_rows(emb)
     h = torch.cat([ctx, x], dim=1)
-    # Each chunk as (B, L, D) or (B, 1, D) for text and image parts; concatenated per token.
-    chunks = []
-    for ci, ct in zip(e_img.chunk(3, dim=-1), e_txt.chunk(3, dim=-1)):
-        if tt.uniform:
-            chunks.append(ct)  # identical rows: broadcast like the stock block
-        else:
-            chunks.append(torch.cat([ct.expand(-1, n_txt, -1), ci], dim=1))
-    shift, scale, gate = chunks
-    nh = modulate(block.norm.norm(h), shift, scale)
+    normed = block.norm.norm(h)
+    if tt.uniform:  # identical rows: broadcast like the stock block
+        shift, scale, gate = e_txt.chunk(3, dim=-1)
+        nh = modulate(normed, shift, scale)
+    else:
+        # Text rows broadcast over the text part, per-token rows over the image part: modulating the
+        # two parts apart avoids materialising (B, L, D) text+image copies of shift, scale and gate.
+        (t_shift, t_scale, t_gate), (i_shift, i_scale, i_gate) = e_txt.chunk(3, dim=-1), e_img
+        nh = torch.cat([modulate(normed[:, :n_txt], t_shift, t_scale),
+                        modulate(normed[:, n_txt:], i_shift, i_scale)], dim=1)
     mlp = block.act_mlp(block.proj_mlp(nh))
     if rec.wants(layer):
         attn_out = _capture(block.attn, nh, None, rotary, n_txt, rec)
     else:
         attn_out = block.attn(hidden_states=nh, image_rotary_emb=rotary)
-    h = h + gate * block.proj_out(torch.cat([attn_out, mlp], dim=2))
+    out = block.proj_out(torch.cat([attn_out, mlp], dim=2))
+    if tt.uniform:
+        h = h + gate * out
+    else:
+        h = torch.cat([h[:, :n_txt] + t_gate * out[:, :n_txt], h[:, n_txt:] + i_gate * out[:, n_txt:]], dim=1)
     if h.dtype == torch.float16:
         h = h.clip(-65504, 65504)
     return h[:, n_txt:], h[:, :n_txt]
@@ -177,8 +182,7 @@ def flux_transformer_forward(
         x, ctx = _single_block(block, x, ctx, tt, rotary, n_dual + i, rec)
     # norm_out is AdaLayerNormContinuous: chunk order (scale, shift).
     no = tr.norm_out
-    emb = tt.image_rows(no.linear(no.silu(tt.table).to(x.dtype)))
-    scale, shift = emb.chunk(2, dim=-1)
+    scale, shift = tt.image_chunks(no.linear(no.silu(tt.table).to(x.dtype)), 2)
     x = modulate(no.norm(x), shift, scale)
     out = tr.proj_out(x)
     return out, (rec.result(grid, encoder_hidden_states.shape[1]) if grid is not None else None)

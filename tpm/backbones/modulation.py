@@ -74,6 +74,14 @@ class TokenTime:
         # F.embedding is an index_select: ~5x faster on CPU than advanced indexing emb[index].
         return F.embedding(self.img_index, emb)
 
+    def image_chunks(self, emb: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """``image_rows(emb).chunk(n, -1)``, but each chunk gathered from its own contiguous slice of
+        the table: the same values, and contiguous (B, N, D) operands make the elementwise
+        modulation that follows about twice as fast on a CPU as strided views of one (B, N, nD)."""
+        if self.img_index is None:
+            return emb[:, None].chunk(n, dim=-1)
+        return tuple(F.embedding(self.img_index, part.contiguous()) for part in emb.chunk(n, dim=-1))
+
     def text_rows(self, emb: torch.Tensor) -> torch.Tensor:
         """(P, kD) -> (B, 1, kD): one modulation row per sample for its text tokens."""
         if self.txt_index is None:

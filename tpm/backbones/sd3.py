@@ -61,14 +61,14 @@ def _stock_processor(attn) -> bool:
 
 def _joint_block(block, x, ctx, tt: TokenTime, layer: int, rec: AttentionRecorder):
     """JointTransformerBlock.forward with per-token modulation of the image stream."""
-    e = tt.image_rows(tt.project(block.norm1.linear, block.norm1.silu))
+    e = tt.project(block.norm1.linear, block.norm1.silu)
     normed = block.norm1.norm(x)
     if block.use_dual_attention:
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         shift_msa2, scale_msa2, gate_msa2) = e.chunk(9, dim=-1)
+         shift_msa2, scale_msa2, gate_msa2) = tt.image_chunks(e, 9)
         nx2 = modulate(normed, shift_msa2, scale_msa2)
     else:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = e.chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = tt.image_chunks(e, 6)
     nx = modulate(normed, shift_msa, scale_msa)
 
     nc = block.norm1_context
@@ -135,7 +135,7 @@ def sd3_transformer_forward(
     for i, block in enumerate(tr.transformer_blocks):
         x, ctx = _joint_block(block, x, ctx, tt, i, rec)
     no = tr.norm_out
-    scale, shift = tt.image_rows(no.linear(no.silu(tt.table).to(x.dtype))).chunk(2, dim=-1)
+    scale, shift = tt.image_chunks(no.linear(no.silu(tt.table).to(x.dtype)), 2)
     x = tr.proj_out(modulate(no.norm(x), shift, scale))
     c = tr.out_channels
     x = x.reshape(x.shape[0], grid[0], grid[1], p, p, c)
