@@ -153,6 +153,24 @@ def distinct_rows(pipe, fn) -> float:
     return round(statistics.mean(seen), 1) if seen else 0.0
 
 
+def interleaved_times(variants: dict, args) -> dict[str, list[float]]:
+    """``--repeats`` rounds of every variant in turn (so load changes hit all alike), timed by ``--clock``."""
+    cuda = torch.device(args.device).type == "cuda"
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.process_time() if args.clock == "cpu" else time.perf_counter()
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for k, fn in variants.items():
+            t0 = clock()
+            fn()
+            times[k].append(clock() - t0)
+    return times
+
+
 def run_config(preset: str, image_tokens: int, text_tokens: int, names: list[str], args) -> dict:
     import tpm
 
@@ -184,17 +202,7 @@ def run_config(preset: str, image_tokens: int, text_tokens: int, names: list[str
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    def clock() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.process_time() if args.clock == "cpu" else time.perf_counter()
-
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for k, fn in variants.items():
-            t0 = clock()
-            fn()
-            times[k].append(clock() - t0)
+    times = interleaved_times(variants, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {
         "preset": preset, "image_tokens": image_tokens, "text_tokens": text_tokens, "image": [size, size],
@@ -268,21 +276,9 @@ def run_forward(preset: str, image_tokens: int, text_tokens: int, args) -> dict:
     uniform = tau[:, None].expand(b, n).to(args.device)
     variants = {"stock": stock, "uniform": lambda: ours(uniform), "per_token_exact": lambda: ours(per_token),
                 "per_token_levels64": lambda: ours(per_token, 64)}
-    cuda = torch.device(args.device).type == "cuda"
-
-    def clock() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.process_time() if args.clock == "cpu" else time.perf_counter()
-
     with torch.no_grad():
         diff = float((variants["uniform"]() - stock()).abs().max())
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(args.repeats):
-            for k, fn in variants.items():
-                t0 = clock()
-                fn()
-                times[k].append(clock() - t0)
+        times = interleaved_times(variants, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "preset": preset, "mode": "forward", "image_tokens": n, "text_tokens": text_tokens, "batch": b,
