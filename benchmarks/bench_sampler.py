@@ -17,8 +17,8 @@ Presets (random weights, real loading code paths, latents returned so the VAE de
   the first block, rms qk-norm), 2 blocks, 1024 image tokens, 512 T5 tokens; same rows.
 
 Every row is a ratio to ``pipe`` (the stock ``pipe(...)`` call with the same steps, batch and
-seeds). Variants are interleaved (pipe, synchronous, ..., pipe, ...) and the median over
-``--repeats`` is reported. ``--clock cpu`` (default) times the process's CPU time with one torch
+seeds). Variants are interleaved (pipe, synchronous, ..., pipe, ...); ``ratio`` is the ratio of
+the medians over ``--repeats`` and ``paired_ratio`` the median (min, max) of the per-round ratios. ``--clock cpu`` (default) times the process's CPU time with one torch
 thread, which other processes on a shared machine barely disturb; ``--clock wall`` times wall
 clock. ``distinct_rows`` is the mean number of rows of the per-step time-embedding table (the
 batch size for synchronous fields). ``--profile`` adds the torch profiler's top operators for
@@ -28,7 +28,7 @@ the asyndm row.
 per-token time cost at large widths (where a sampling run on a CPU takes minutes): the stock
 forward at one time per sample, tpm's forward with that uniform field (``uniform``), with a
 random field in which every image token has its own time (``per_token_exact``), and with the same
-field bounded to the per-token policies' default 64 time levels (``per_token_levels64``).
+field bounded to 64 and to 32 time levels (``per_token_levels64``, ``per_token_levels32``).
 
     python benchmarks/bench_sampler.py                                   # width 256, three token counts
     python benchmarks/bench_sampler.py --preset flux-dev --steps 2 --repeats 3
@@ -171,6 +171,18 @@ def interleaved_times(variants: dict, args) -> dict[str, list[float]]:
     return times
 
 
+def paired_ratios(times: dict[str, list[float]], ref: str) -> dict:
+    """Per row: the median, min and max over repeats of (row time / ``ref`` time in the same round).
+    Pairing within a round cancels slow drifts of a shared machine that a ratio of medians keeps."""
+    out = {}
+    for k, v in times.items():
+        if k != ref:
+            r = [a / b for a, b in zip(v, times[ref])]
+            out[f"{k}/{ref}"] = {"median": round(statistics.median(r), 3), "min": round(min(r), 3),
+                                 "max": round(max(r), 3)}
+    return out
+
+
 def run_config(preset: str, image_tokens: int, text_tokens: int, names: list[str], args) -> dict:
     import tpm
 
@@ -212,6 +224,7 @@ def run_config(preset: str, image_tokens: int, text_tokens: int, names: list[str
         "params_M": round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e6, 1),
         "sync_max_abs_diff_vs_pipe": sync_diff,
         "ratio": {f"{k}/pipe": round(med[k] / med["pipe"], 3) for k in med if k != "pipe"},
+        "paired_ratio": paired_ratios(times, "pipe"),
         "median_s": {k: round(v, 3) for k, v in med.items()},
         "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "distinct_rows": table_rows,
@@ -275,7 +288,7 @@ def run_forward(preset: str, image_tokens: int, text_tokens: int, args) -> dict:
 
     uniform = tau[:, None].expand(b, n).to(args.device)
     variants = {"stock": stock, "uniform": lambda: ours(uniform), "per_token_exact": lambda: ours(per_token),
-                "per_token_levels64": lambda: ours(per_token, 64)}
+                "per_token_levels64": lambda: ours(per_token, 64), "per_token_levels32": lambda: ours(per_token, 32)}
     with torch.no_grad():
         diff = float((variants["uniform"]() - stock()).abs().max())
         times = interleaved_times(variants, args)
@@ -287,6 +300,7 @@ def run_forward(preset: str, image_tokens: int, text_tokens: int, args) -> dict:
         "params_M": round(sum(q.numel() for q in tr.parameters()) / 1e6, 1),
         "uniform_max_abs_diff_vs_stock": diff,
         "ratio": {f"{k}/stock": round(med[k] / med["stock"], 3) for k in med if k != "stock"},
+        "paired_ratio": paired_ratios(times, "stock"),
         "median_s": {k: round(v, 3) for k, v in med.items()},
         "all_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
     }

@@ -108,21 +108,94 @@ def test_per_pixel_path_on_uniform_field_is_stock(kind):
     assert torch.equal(again, stock)
 
 
+def _per_pixel_reference(unet, x, t, embeds, added):
+    """Brute force: every pixel of every level gets its own embedding (no table, no gather)."""
+    from contextlib import ExitStack
+
+    import torch.nn.functional as F
+
+    from tpm.backbones.unet_forward import level_sizes, resnet_blocks
+
+    b = x.shape[0]
+    aug = None
+    if unet.config.get("addition_embed_type") == "text_time":
+        aug = unet.get_aug_embed(emb=x.new_zeros(1), encoder_hidden_states=embeds, added_cond_kwargs=added)
+    emb = {}
+    for size in level_sizes(unet, *x.shape[-2:]):
+        # mean timestep of the covered latent pixels, rounded to a whole training timestep
+        tl = F.adaptive_avg_pool2d(t.to(torch.float64)[:, None], size)[:, 0].round().to(torch.float32)
+        e = unet.time_embedding(unet.time_proj(tl.reshape(-1)).to(x.dtype)).view(b, *size, -1)
+        if aug is not None:
+            e = e + aug[:, None, None]
+        emb[size] = unet.time_embed_act(e) if unet.time_embed_act is not None else e
+    with ExitStack() as stack:
+        for block in resnet_blocks(unet):
+            def add(_m, args, block=block):
+                e = emb[tuple(args[0].shape[-2:])]
+                e = e if block.skip_time_act else block.nonlinearity(e)
+                proj = F.linear(e, block.time_emb_proj.weight, block.time_emb_proj.bias)  # the module returns zeros now
+                return (args[0] + proj.permute(0, 3, 1, 2),)
+
+            stack.callback(block.time_emb_proj.register_forward_hook(lambda _m, _a, o: torch.zeros_like(o)).remove)
+            stack.callback(block.norm2.register_forward_pre_hook(add).remove)
+        return unet(x, t.reshape(b, -1).mean(1), encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_per_pixel_field_equals_per_pixel_embedding(kind):
+    """A non-uniform field (four times scattered over the pixels, so that the coarser levels average
+    them into many more) gives what embedding every pixel of every level on its own gives: the
+    distinct-time table (shared across samples for SD, per sample for SDXL) and both gather layouts
+    change nothing but rounding."""
+    pipe = _pipe(kind, "ddim", "epsilon")
+    bb = get_backbone(pipe)
+    cond = bb.encode(PROMPTS, 1.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    embeds, added = bb._unet_inputs(cond, x)
+    t = torch.tensor([100.0, 300.0, 700.0, 900.0])[torch.randint(0, 4, (2, 16, 16), generator=g)]
+    ours, _ = unet_forward(pipe.unet, x, t, embeds, added)
+    ref = _per_pixel_reference(pipe.unet, x, t, embeds, added)
+    stock = pipe.unet(x, torch.tensor([500.0, 500.0]), encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+    assert (ref - stock).abs().max() > 1e-3  # the field matters
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_time_embedding_once_per_distinct_time():
-    """The embedding MLP sees one row per distinct (sample, time) pair of all levels, not one per pixel."""
+    """The embedding MLP sees one row per distinct time of all levels, not one per pixel, and (SD:
+    no pooled text in the embedding) not one per sample: CFG's two halves share their rows."""
     pipe = _pipe("sd", "ddim", "epsilon")
     bb = get_backbone(pipe)
-    cond = bb.encode(PROMPTS[:1], 1.0)
+    cond = bb.encode(PROMPTS, 1.0)
     rows = []
     h = pipe.unet.time_embedding.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
-    t = torch.full((1, 16, 16), 700.0)
+    t = torch.full((2, 16, 16), 700.0)
     t[:, :, 8:] = 300.0  # halves: the split falls on pixel boundaries at every level (16, 8, 4)
     try:
-        unet_forward(pipe.unet, torch.randn(1, 4, 16, 16), t, cond.embeds)
+        unet_forward(pipe.unet, torch.randn(2, 4, 16, 16), t, cond.embeds)
     finally:
         h.remove()
-    # our table (2 image times + 1 text-mean row) and the unused stock call (1 row)
-    assert sorted(rows) == [1, 3]
+    # our table (2 times: the UNet has no text tokens, so no text time) and the unused stock call (2 rows)
+    assert sorted(rows) == [2, 2]
+
+
+def test_conditioning_timesteps_on_training_grid_or_levels():
+    """Per-pixel conditioning timesteps are whole training timesteps by default (the UNet saw no
+    others), exact with ``time_grid=None``, and at most ``time_levels`` per sample when asked."""
+    pipe = _pipe("sd", "ddim", "epsilon")
+    cond = get_backbone(pipe).encode(PROMPTS, 1.0)
+    t = 100.0 + 800.0 * torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(5))
+    seen = []
+    h = pipe.unet.time_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].clone()))
+    try:
+        for kwargs in ({}, {"time_grid": None}, {"time_grid": None, "time_levels": 8}):
+            unet_forward(pipe.unet, torch.randn(2, 4, 16, 16), t, cond.embeds, **kwargs)
+    finally:
+        h.remove()
+    table = [x for x in seen if x.numel() > 2]  # the stock call's one row per sample is not ours
+    assert torch.equal(table[0], table[0].round()) and table[0].numel() < 2 * (256 + 64 + 16)
+    assert not torch.equal(table[1], table[1].round()) and table[1].numel() > table[0].numel()
+    assert table[2].numel() <= 2 * 8
 
 
 def test_cross_attention_maps_match_processor_scores():

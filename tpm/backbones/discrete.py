@@ -99,6 +99,7 @@ class DiscreteTime:
         abar = scheduler.alphas_cumprod.to(torch.float64)
         self.sigma_table = ((1 - abar) / abar).sqrt()  # increasing in t
         self.steps = torch.arange(len(abar), dtype=torch.float64)
+        self.num_train_timesteps = len(abar)
         self.tau_max = float(tau_from_alpha_bar(abar[-1]))
 
     def timestep(self, tau: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,14 @@ import torch
 
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
 from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
-from tpm.backbones.modulation import TokenTime, build_token_time, modulate, snap_to_levels
+from tpm.backbones.modulation import (
+    TokenTime,
+    build_token_time,
+    gated_residual,
+    modulate,
+    modulate_image,
+    snap_to_levels,
+)
 
 
 def _flux_qkv(attn, x, ctx=None):
@@ -86,19 +93,19 @@ def _capture(attn, x, ctx, rotary, n_txt: int, rec: AttentionRecorder):
 
 def _dual_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: AttentionRecorder):
     """FluxTransformerBlock.forward with per-token modulation for the image stream."""
-    e = tt.image_chunks(tt.project(block.norm1.linear, block.norm1.silu), 6)
+    e = tt.image_chunks(tt.project(block.norm1.linear, block.norm1.silu), 6, scales=(1, 4))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = e
-    c = tt.text_rows(tt.project(block.norm1_context.linear, block.norm1_context.silu))
+    c = block.norm1_context.linear(block.norm1_context.silu(tt.text_table()))[:, None]  # text rows only
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c.chunk(6, dim=-1)
-    nx = modulate(block.norm1.norm(x), shift_msa, scale_msa)
+    nx = modulate_image(tt, block.norm1.norm(x), shift_msa, scale_msa)
     nctx = modulate(block.norm1_context.norm(ctx), c_shift_msa, c_scale_msa)
     if rec.wants(layer):
         attn_out, ctx_attn_out = _capture(block.attn, nx, nctx, rotary, ctx.shape[1], rec)
     else:
         outs = block.attn(hidden_states=nx, encoder_hidden_states=nctx, image_rotary_emb=rotary)
         attn_out, ctx_attn_out = outs[0], outs[1]
-    x = x + gate_msa * attn_out
-    x = x + gate_mlp * block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp))
+    x = gated_residual(tt, x, gate_msa, attn_out)
+    x = gated_residual(tt, x, gate_mlp, block.ff(modulate_image(tt, block.norm2(x), shift_mlp, scale_mlp)))
     ctx = ctx + c_gate_msa * ctx_attn_out
     ctx = ctx + c_gate_mlp * block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
     if ctx.dtype == torch.float16:
@@ -110,7 +117,7 @@ def _single_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: Attenti
     """FluxSingleTransformerBlock.forward with per-token modulation (text rows first)."""
     n_txt = ctx.shape[1]
     emb = tt.project(block.norm.linear, block.norm.silu)
-    e_img, e_txt = tt.image_chunks(emb, 3), tt.text_rows(emb)
+    e_img, e_txt = tt.image_chunks(emb, 3, scales=(1,)), tt.text_rows(emb)
     h = torch.cat([ctx, x], dim=1)
     normed = block.norm.norm(h)
     if tt.uniform:  # identical rows: broadcast like the stock block
@@ -120,8 +127,13 @@ def _single_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: Attenti
         # Text rows broadcast over the text part, per-token rows over the image part: modulating the
         # two parts apart avoids materialising (B, L, D) text+image copies of shift, scale and gate.
         (t_shift, t_scale, t_gate), (i_shift, i_scale, i_gate) = e_txt.chunk(3, dim=-1), e_img
-        nh = torch.cat([modulate(normed[:, :n_txt], t_shift, t_scale),
-                        modulate(normed[:, n_txt:], i_shift, i_scale)], dim=1)
+        if torch.is_grad_enabled():  # out= has no autograd
+            nh = torch.cat([modulate(normed[:, :n_txt], t_shift, t_scale),
+                            modulate_image(tt, normed[:, n_txt:], i_shift, i_scale)], dim=1)
+        else:  # both parts written into one buffer, no torch.cat copy; the text part's arithmetic is stock
+            nh = torch.empty_like(normed)
+            torch.mul(normed[:, :n_txt], 1 + t_scale, out=nh[:, :n_txt]).add_(t_shift)
+            torch.addcmul(i_shift, normed[:, n_txt:], i_scale, out=nh[:, n_txt:])
     mlp = block.act_mlp(block.proj_mlp(nh))
     if rec.wants(layer):
         attn_out = _capture(block.attn, nh, None, rotary, n_txt, rec)
@@ -130,8 +142,14 @@ def _single_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: Attenti
     out = block.proj_out(torch.cat([attn_out, mlp], dim=2))
     if tt.uniform:
         h = h + gate * out
+    elif torch.is_grad_enabled():
+        h = torch.cat([h[:, :n_txt] + t_gate * out[:, :n_txt],
+                       gated_residual(tt, h[:, n_txt:], i_gate, out[:, n_txt:])], dim=1)
     else:
-        h = torch.cat([h[:, :n_txt] + t_gate * out[:, :n_txt], h[:, n_txt:] + i_gate * out[:, n_txt:]], dim=1)
+        res = torch.empty_like(h)
+        torch.add(h[:, :n_txt], t_gate * out[:, :n_txt], out=res[:, :n_txt])
+        torch.addcmul(h[:, n_txt:], i_gate, out[:, n_txt:], out=res[:, n_txt:])
+        h = res
     if h.dtype == torch.float16:
         h = h.clip(-65504, 65504)
     return h[:, n_txt:], h[:, :n_txt]
@@ -182,8 +200,8 @@ def flux_transformer_forward(
         x, ctx = _single_block(block, x, ctx, tt, rotary, n_dual + i, rec)
     # norm_out is AdaLayerNormContinuous: chunk order (scale, shift).
     no = tr.norm_out
-    scale, shift = tt.image_chunks(no.linear(no.silu(tt.table).to(x.dtype)), 2)
-    x = modulate(no.norm(x), shift, scale)
+    scale, shift = tt.image_chunks(no.linear(no.silu(tt.table).to(x.dtype)), 2, scales=(0,))
+    x = modulate_image(tt, no.norm(x), shift, scale)
     out = tr.proj_out(x)
     return out, (rec.result(grid, encoder_hidden_states.shape[1]) if grid is not None else None)
 

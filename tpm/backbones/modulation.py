@@ -17,7 +17,9 @@ The table is small for schedules with a few time levels (synchronous, AsynDM, pa
 but a learned per-token field can give every token its own time, and then the table has one row
 per token. At FLUX.1-dev width a double block's image modulation is a 3072 -> 18432 projection,
 about three quarters of the block's image MLP, so 1024 distinct rows cost ~+25 % per step
-(``benchmarks/bench_sampler.py --per-token``). Two optional bounds:
+(``benchmarks/bench_sampler.py --forward``). Projections that only modulate text tokens run on
+one row per sample (:meth:`TokenTime.text_table`), and the per-token AdaLN arithmetic is fused
+(:func:`modulate_image`, :func:`gated_residual`). Two optional bounds:
 
 - ``levels``: a sample with more than ``levels`` distinct image times has them snapped to
   ``levels`` evenly spaced values between its own smallest and largest time. The table then has
@@ -74,13 +76,24 @@ class TokenTime:
         # F.embedding is an index_select: ~5x faster on CPU than advanced indexing emb[index].
         return F.embedding(self.img_index, emb)
 
-    def image_chunks(self, emb: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    def image_chunks(self, emb: torch.Tensor, n: int, scales: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
         """``image_rows(emb).chunk(n, -1)``, but each chunk gathered from its own contiguous slice of
         the table: the same values, and contiguous (B, N, D) operands make the elementwise
-        modulation that follows about twice as fast on a CPU as strided views of one (B, N, nD)."""
+        modulation that follows about twice as fast on a CPU as strided views of one (B, N, nD).
+
+        Per-token rows of the chunks listed in ``scales`` come as ``1 + scale``, added on the P table
+        rows before the gather instead of on B * N tokens after it; :func:`modulate_image` takes
+        them so. Uniform rows are returned as they are (the stock arithmetic).
+        """
         if self.img_index is None:
             return emb[:, None].chunk(n, dim=-1)
-        return tuple(F.embedding(self.img_index, part.contiguous()) for part in emb.chunk(n, dim=-1))
+        return tuple(F.embedding(self.img_index, (1 + part if i in scales else part).contiguous())
+                     for i, part in enumerate(emb.chunk(n, dim=-1)))
+
+    def text_table(self) -> torch.Tensor:
+        """(B, D): the table rows the text tokens use, one per sample (the table itself when uniform).
+        Projections that only modulate text tokens run on these B rows, not on all P."""
+        return self.table if self.txt_index is None else F.embedding(self.txt_index, self.table)
 
     def text_rows(self, emb: torch.Tensor) -> torch.Tensor:
         """(P, kD) -> (B, 1, kD): one modulation row per sample for its text tokens."""
@@ -113,6 +126,8 @@ def build_token_time(
     tau_img: torch.Tensor,
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     resolution: float | None = None,
+    shared: bool = False,
+    with_text: bool = True,
 ) -> TokenTime:
     """Build the distinct-time table.
 
@@ -121,8 +136,13 @@ def build_token_time(
         embed: ``embed(times (P,), sample_index (P,)) -> (P, D)``, the model's time(-text)
             embedding for each pair (it reads the sample's pooled text / guidance by index).
         resolution: if given, image times are rounded to multiples of it first.
+        shared: the embedding depends on the time only (SD's UNet: no pooled text), so one row
+            serves every sample with that time; ``embed`` then gets sample index 0 throughout.
+        with_text: add each sample's text time (the model has text tokens that take a time); without
+            it ``txt_index`` is ``None`` and :meth:`TokenTime.text_rows` must not be used.
 
     The ``levels`` bound (:func:`snap_to_levels`) is applied by the forwards before this.
+    Rows are sorted by (sample, time), or by time when ``shared``.
     """
     if resolution is not None:
         tau_img = torch.round(tau_img / resolution) * resolution
@@ -132,17 +152,43 @@ def build_token_time(
         # Uniform field: text tokens get the same time, exactly (a float mean could differ by an ulp).
         idx = torch.arange(bsz, device=tau_img.device)
         return TokenTime(embed(first[:, 0], idx), None, None)
-    txt = text_time(tau_img)
-    sample = torch.arange(bsz, device=tau_img.device)
-    pairs_b = torch.cat([sample.repeat_interleave(n), sample])
-    pairs_t = torch.cat([tau_img.reshape(-1), txt])
-    # Unique over (sample, time) pairs, exact on the float values.
-    keys = torch.stack([pairs_b.to(torch.float64), pairs_t.to(torch.float64)], dim=1)
-    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    table = embed(uniq[:, 1].to(tau_img.dtype), uniq[:, 0].long())
-    return TokenTime(table, inverse[: bsz * n].view(bsz, n), inverse[bsz * n:])
+    values = torch.cat([tau_img, text_time(tau_img)[:, None]], dim=1) if with_text else tau_img
+    if shared:
+        times, inverse = torch.unique(values, return_inverse=True)
+        table = embed(times, torch.zeros_like(times, dtype=torch.long))
+        return TokenTime(table, inverse[:, :n], inverse[:, n] if with_text else None)
+    # Exact unique per sample, on the float values. A 1-D unique per row is a sort; one unique over
+    # (sample, time) pairs with dim=0 compares rows one by one and was ~30x slower at 10k pairs.
+    times, samples, inverse, offset = [], [], [], 0
+    for b in range(bsz):
+        u, inv = torch.unique(values[b], return_inverse=True)
+        times.append(u)
+        samples.append(torch.full_like(u, b, dtype=torch.long))
+        inverse.append(inv + offset)
+        offset += u.numel()
+    inverse = torch.stack(inverse)
+    table = embed(torch.cat(times), torch.cat(samples))
+    return TokenTime(table, inverse[:, :n], inverse[:, n] if with_text else None)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN: ``x * (1 + scale) + shift`` with (B, N|1, D) shift/scale."""
     return x * (1 + scale) + shift
+
+
+# Per-token rows make every elementwise AdaLN operand a (B, N, D) tensor instead of a broadcast
+# (B, 1, D) row, so the passes over memory, not the arithmetic, are the cost on a CPU. One fused
+# addcmul per modulation / gated residual replaces two or three passes; uniform rows keep the
+# stock arithmetic, so synchronous fields stay bit-exact with the pipelines.
+def modulate_image(tt: TokenTime, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`modulate` for image tokens; per-token ``scale`` holds ``1 + scale`` (``image_chunks(scales=)``)."""
+    if tt.uniform:
+        return modulate(x, shift, scale)
+    return torch.addcmul(shift, x, scale)
+
+
+def gated_residual(tt: TokenTime, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y`` for image tokens, fused for per-token gates."""
+    if tt.uniform:
+        return x + gate * y
+    return torch.addcmul(x, gate, y)

@@ -19,7 +19,14 @@ import torch
 
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
 from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
-from tpm.backbones.modulation import TokenTime, build_token_time, modulate, snap_to_levels
+from tpm.backbones.modulation import (
+    TokenTime,
+    build_token_time,
+    gated_residual,
+    modulate,
+    modulate_image,
+    snap_to_levels,
+)
 
 
 def _heads(x, attn):
@@ -65,19 +72,19 @@ def _joint_block(block, x, ctx, tt: TokenTime, layer: int, rec: AttentionRecorde
     normed = block.norm1.norm(x)
     if block.use_dual_attention:
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         shift_msa2, scale_msa2, gate_msa2) = tt.image_chunks(e, 9)
-        nx2 = modulate(normed, shift_msa2, scale_msa2)
+         shift_msa2, scale_msa2, gate_msa2) = tt.image_chunks(e, 9, scales=(1, 4, 7))
+        nx2 = modulate_image(tt, normed, shift_msa2, scale_msa2)
     else:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = tt.image_chunks(e, 6)
-    nx = modulate(normed, shift_msa, scale_msa)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = tt.image_chunks(e, 6, scales=(1, 4))
+    nx = modulate_image(tt, normed, shift_msa, scale_msa)
 
     nc = block.norm1_context
     if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift), silu cast to x dtype
-        c = tt.text_rows(nc.linear(nc.silu(tt.table).to(ctx.dtype)))
+        c = nc.linear(nc.silu(tt.text_table()).to(ctx.dtype))[:, None]  # text rows only
         c_scale, c_shift = c.chunk(2, dim=-1)
         nctx = modulate(nc.norm(ctx), c_shift, c_scale)
     else:
-        c = tt.text_rows(tt.project(nc.linear, nc.silu))
+        c = nc.linear(nc.silu(tt.text_table()))[:, None]
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c.chunk(6, dim=-1)
         nctx = modulate(nc.norm(ctx), c_shift_msa, c_scale_msa)
 
@@ -88,10 +95,10 @@ def _joint_block(block, x, ctx, tt: TokenTime, layer: int, rec: AttentionRecorde
         attn_out, ctx_attn_out = block.attn(hidden_states=nx, encoder_hidden_states=nctx)
     else:
         attn_out, ctx_attn_out = block.attn(hidden_states=nx, encoder_hidden_states=nctx)
-    x = x + gate_msa * attn_out
+    x = gated_residual(tt, x, gate_msa, attn_out)
     if block.use_dual_attention:
-        x = x + gate_msa2 * block.attn2(hidden_states=nx2)
-    x = x + gate_mlp * block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp))
+        x = gated_residual(tt, x, gate_msa2, block.attn2(hidden_states=nx2))
+    x = gated_residual(tt, x, gate_mlp, block.ff(modulate_image(tt, block.norm2(x), shift_mlp, scale_mlp)))
     if block.context_pre_only:
         return x, None
     ctx = ctx + c_gate_msa * ctx_attn_out
@@ -135,8 +142,8 @@ def sd3_transformer_forward(
     for i, block in enumerate(tr.transformer_blocks):
         x, ctx = _joint_block(block, x, ctx, tt, i, rec)
     no = tr.norm_out
-    scale, shift = tt.image_chunks(no.linear(no.silu(tt.table).to(x.dtype)), 2)
-    x = tr.proj_out(modulate(no.norm(x), shift, scale))
+    scale, shift = tt.image_chunks(no.linear(no.silu(tt.table).to(x.dtype)), 2, scales=(0,))
+    x = tr.proj_out(modulate_image(tt, no.norm(x), shift, scale))
     c = tr.out_channels
     x = x.reshape(x.shape[0], grid[0], grid[1], p, p, c)
     out = torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, grid[0] * p, grid[1] * p)

@@ -51,7 +51,7 @@ class StableDiffusionBackbone(Backbone):
         self.transformer = pipe.unet  # "the denoiser": widths and dtype are read from it
         self.unet = pipe.unet
         self.time_resolution = time_resolution
-        self.time_levels = time_levels  # accepted for one interface; UNet forwards use the exact per-pixel times
+        self.time_levels = time_levels
         try:
             check_unet(self.unet)
         except ValueError as e:
@@ -206,7 +206,11 @@ class StableDiffusionBackbone(Backbone):
         embeds, added = self._unet_inputs(cond, latents)
         x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if cond.do_cfg else (x, t)
         capture = attention_layers is not None
-        out, maps = unet_forward(self.unet, x_in, t_in, embeds, added, capture=capture, layers=attention_layers)
+        # Conditioning timesteps on the per-pixel path: whole training timesteps by default, or
+        # multiples of time_resolution (in tau units, like the DiT adapters) of the training range.
+        grid = 1.0 if self.time_resolution is None else self.time_resolution * self._time.num_train_timesteps
+        out, maps = unet_forward(self.unet, x_in, t_in, embeds, added, capture=capture, layers=attention_layers,
+                                 time_grid=grid, time_levels=self.time_levels)
         if cond.do_cfg:
             uncond, text = out.chunk(2)
             out = uncond + cond.guidance_scale * (text - uncond)
