@@ -136,11 +136,12 @@ def _forward(args, clock) -> dict:
                 t0 = clock()
                 unet(x, t.flatten(1).amax(1), encoder_hidden_states=embeds)
                 total["stock"] += clock() - t0
+                if rep == 0:  # the untimed warm-up pass also counts the time-table rows
+                    distinct.append(_table_rows(unet, x, t, embeds, cap, layers))
+                    continue
                 t0 = clock()
                 unet_forward(unet, x, t, embeds, capture=cap, layers=layers)
                 total["asyndm"] += clock() - t0
-                if rep == 0:
-                    distinct.append(_distinct_times(unet, t))
             if rep:
                 for k in times:
                     times[k].append(total[k])
@@ -158,15 +159,18 @@ def _forward(args, clock) -> dict:
     return report
 
 
-def _distinct_times(unet, t) -> int:
-    """Rows of the time table for field ``t`` (every level, whole timesteps, shared by samples)."""
-    import torch.nn.functional as F
+def _table_rows(unet, x, t, embeds, cap, layers) -> int:
+    """Runs ``unet_forward`` once and returns the rows of the time table it built for field ``t``:
+    the largest batch the time projection saw (the stock call inside sees one row per sample)."""
+    from tpm.backbones.unet_forward import unet_forward
 
-    from tpm.backbones.unet_forward import level_sizes
-
-    f = t.to(torch.float64)[:, None]
-    levels = [F.adaptive_avg_pool2d(f, s).flatten() for s in level_sizes(unet, *t.shape[-2:])]
-    return int(torch.unique(torch.cat(levels).round()).numel())
+    rows = []
+    hook = unet.time_proj.register_forward_hook(lambda _m, args, _o: rows.append(args[0].numel()))
+    try:
+        unet_forward(unet, x, t, embeds, capture=cap, layers=layers)
+    finally:
+        hook.remove()
+    return max(rows)
 
 
 if __name__ == "__main__":
