@@ -17,7 +17,8 @@ Presets (random weights, real loading code paths, latents returned so the VAE de
   the first block, rms qk-norm), 2 blocks, 1024 image tokens, 512 T5 tokens; same rows.
 
 Every row is a ratio to ``pipe`` (the stock ``pipe(...)`` call with the same steps, batch and
-seeds). Variants are interleaved (pipe, synchronous, ..., pipe, ...); ``ratio`` is the ratio of
+seeds). Variants are interleaved (pipe, synchronous, ..., then the next round starting one variant
+later); ``ratio`` is the ratio of
 the medians over ``--repeats`` and ``paired_ratio`` the median (min, max) of the per-round ratios. ``--clock cpu`` (default) times the process's CPU time with one torch
 thread, which other processes on a shared machine barely disturb; ``--clock wall`` times wall
 clock. ``distinct_rows`` is the mean number of rows of the per-step time-embedding table (the
@@ -35,6 +36,7 @@ field bounded to 64 and to 32 time levels (``per_token_levels64``, ``per_token_l
     python benchmarks/bench_sampler.py --preset sd35-medium --steps 2 --repeats 3
     python benchmarks/bench_sampler.py --preset flux-dev --forward --batch 1 --repeats 3
     python benchmarks/bench_sampler.py --tokens 256x16 --steps 2 --repeats 1   # a quick smoke run
+    python benchmarks/bench_sampler.py --pool run1.json run2.json run3.json    # pooled ratios of saved runs
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -154,7 +157,11 @@ def distinct_rows(pipe, fn) -> float:
 
 
 def interleaved_times(variants: dict, args) -> dict[str, list[float]]:
-    """``--repeats`` rounds of every variant in turn (so load changes hit all alike), timed by ``--clock``."""
+    """``--repeats`` rounds of every variant in turn (so load changes hit all alike), timed by ``--clock``.
+
+    Round r starts at variant r mod k (a rotation): a machine that slows down or speeds up over a
+    round would otherwise always favour the variants that run first. Use a multiple of k repeats
+    for an exact balance."""
     cuda = torch.device(args.device).type == "cuda"
 
     def clock() -> float:
@@ -163,10 +170,11 @@ def interleaved_times(variants: dict, args) -> dict[str, list[float]]:
         return time.process_time() if args.clock == "cpu" else time.perf_counter()
 
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for k, fn in variants.items():
+    names = list(variants)
+    for r in range(args.repeats):
+        for k in names[r % len(names):] + names[: r % len(names)]:
             t0 = clock()
-            fn()
+            variants[k]()
             times[k].append(clock() - t0)
     return times
 
@@ -181,6 +189,33 @@ def paired_ratios(times: dict[str, list[float]], ref: str) -> dict:
             out[f"{k}/{ref}"] = {"median": round(statistics.median(r), 3), "min": round(min(r), 3),
                                  "max": round(max(r), 3)}
     return out
+
+
+def bootstrap_mean(x: list[float], n: int = 10000, seed: int = 0) -> dict:
+    """Mean of ``x`` with a bootstrap 95 % interval, and the median."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(x, k=len(x))) for _ in range(n))
+    return {"mean": round(statistics.fmean(x), 4),
+            "ci95": [round(means[int(0.025 * n)], 4), round(means[int(0.975 * n)], 4)],
+            "median": round(statistics.median(x), 4)}
+
+
+def pool_runs(paths: list[str]) -> dict:
+    """Per-round ratios of every row to ``pipe``, pooled over the rounds of several saved runs (same
+    config), as a mean with a bootstrap interval: one figure for runs that each drift on their own."""
+    per_config: dict[str, dict[str, list[float]]] = {}
+    for path in paths:
+        with open(path) as f:
+            for cfg in json.load(f)["configs"]:
+                key = f"{cfg['image_tokens']}x{cfg['text_tokens']}"
+                times = cfg["all_s"]
+                for row, values in times.items():
+                    if row != "pipe":
+                        ratios = per_config.setdefault(key, {}).setdefault(f"{row}/pipe", [])
+                        ratios.extend(a / b for a, b in zip(values, times["pipe"]))
+    return {"benchmark": "bench_sampler --pool", "runs": paths,
+            "configs": {k: {row: {"rounds": len(v), **bootstrap_mean(v)} for row, v in rows.items()}
+                        for k, rows in per_config.items()}}
 
 
 def run_config(preset: str, image_tokens: int, text_tokens: int, names: list[str], args) -> dict:
@@ -330,7 +365,14 @@ def main(argv=None, quiet: bool = False) -> dict:
     ap.add_argument("--profile", type=int, default=0, help="top-N profiler operators of the asyndm row")
     ap.add_argument("--forward", action="store_true", help="time one transformer call (see the docstring)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--pool", nargs="+", default=None, metavar="JSON",
+                    help="pool the rounds of saved runs (no timing): mean per-round ratio, bootstrap 95 %%")
     args = ap.parse_args(argv)
+    if args.pool:
+        result = pool_runs(args.pool)
+        if not quiet:
+            print(json.dumps(result, indent=2))
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

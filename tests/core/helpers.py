@@ -86,21 +86,23 @@ class TransformerCase:
                        pooled_projections=self.pooled, return_dict=False)[0]
 
     def ours(self, field: torch.Tensor, layers=None, time_resolution=None, x=None, img_ids=None, tokens=None,
-             time_levels=None):
-        """tpm's per-token forward on a (B, h, w) field; returns (output, maps)."""
+             time_levels=None, tile_sizes=None):
+        """tpm's per-token forward on a (B, h, w) field; returns (output, maps).
+        ``tile_sizes``: the forward's default when ``None``."""
         from tpm.backbones import flux_transformer_forward, sd3_transformer_forward
 
         x = self.x if x is None else x
+        tiles = {} if tile_sizes is None else {"tile_sizes": tile_sizes}
         if self.flux:
             return flux_transformer_forward(
                 self.tr, x, field.reshape(field.shape[0], -1), self.ctx, self.pooled,
                 self.img_ids if img_ids is None else img_ids, self.txt_ids, guidance=self.guidance,
                 attention_layers=layers, grid=self.grid, time_resolution=time_resolution,
-                attention_tokens=tokens, time_levels=time_levels,
+                attention_tokens=tokens, time_levels=time_levels, **tiles,
             )
         return sd3_transformer_forward(self.tr, x, field, self.ctx, self.pooled, attention_layers=layers,
                                        time_resolution=time_resolution, attention_tokens=tokens,
-                                       time_levels=time_levels)
+                                       time_levels=time_levels, **tiles)
 
     @property
     def num_layers(self) -> int:

@@ -182,12 +182,14 @@ def test_forward_maps_equal_brute_force(name):
         assert (out - plain).abs().max() <= 1e-5  # capture does not change the velocity
         assert (out - ref_out).abs().max() <= 1e-5
 
-    # a non-uniform field: reference q/k from our own forward with capture off
+    # a non-uniform field: reference q/k from our own forward with capture off. Tokens stay in raster
+    # order (no tiles), so the recorded q/k line up with the grid; the tiled forward's maps are
+    # compared with these in test_backbone_forward.
     field = two_level_field(2, case.grid)
     with record_joint_qk(case.tr) as records:
-        plain, _ = case.ours(field)
+        plain, _ = case.ours(field, tile_sizes=())
     layers = [0, case.num_layers - 1]
-    out, maps = case.ours(field, layers=layers)
+    out, maps = case.ours(field, layers=layers, tile_sizes=())
     assert torch.allclose(maps, _reference_maps(case, records, layers), atol=1e-5)
     assert (out - plain).abs().max() <= 1e-5
 
@@ -197,12 +199,12 @@ def test_forward_maps_equal_brute_force(name):
 def test_forward_maps_of_selected_tokens_equal_brute_force(name):
     case = TransformerCase(name, shared_pipeline(name).transformer)
     field = two_level_field(2, case.grid)
-    with record_joint_qk(case.tr) as records:
-        plain, _ = case.ours(field)
+    with record_joint_qk(case.tr) as records:  # raster token order (no tiles), as above
+        plain, _ = case.ours(field, tile_sizes=())
     layers = [0, case.num_layers - 1]
     last = case.n_txt - 1
     tokens = [[last, 1], [last]]
-    out, maps = case.ours(field, layers=layers, tokens=tokens)
+    out, maps = case.ours(field, layers=layers, tokens=tokens, tile_sizes=())
     ref = _reference_maps(case, records, layers)
     assert maps.shape == ref.shape
     assert torch.allclose(maps[0, [1, last]], ref[0, [1, last]], atol=1e-5)

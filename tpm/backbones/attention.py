@@ -141,14 +141,18 @@ class AttentionRecorder:
         self._sum = probs if self._sum is None else self._sum + probs
         self._count += 1
 
-    def result(self, grid: tuple[int, int], n_text: int | None = None) -> torch.Tensor | None:
+    def result(self, grid: tuple[int, int], n_text: int | None = None,
+               image_order: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, n_text, h, w), averaged over captured layers; ``None`` when nothing was captured.
 
         With ``tokens``, positions that were not asked for are zero (``n_text`` is then needed).
+        ``image_order``: the permutation the forward applied to the image tokens; undone here.
         """
         if self._sum is None:
             return None
         avg = self._sum / self._count  # (B, N_img, P)
+        if image_order is not None:
+            avg = torch.empty_like(avg).index_copy_(1, image_order, avg)
         b, n, t = avg.shape
         if self.tokens is not None:
             if n_text is None:

@@ -20,6 +20,7 @@ import torch
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
 from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
 from tpm.backbones.modulation import (
+    TILE_SIZES,
     TokenTime,
     build_token_time,
     gated_residual,
@@ -133,7 +134,7 @@ def _single_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: Attenti
         else:  # both parts written into one buffer, no torch.cat copy; the text part's arithmetic is stock
             nh = torch.empty_like(normed)
             torch.mul(normed[:, :n_txt], 1 + t_scale, out=nh[:, :n_txt]).add_(t_shift)
-            torch.addcmul(i_shift, normed[:, n_txt:], i_scale, out=nh[:, n_txt:])
+            modulate_image(tt, normed[:, n_txt:], i_shift, i_scale, out=nh[:, n_txt:])
     mlp = block.act_mlp(block.proj_mlp(nh))
     if rec.wants(layer):
         attn_out = _capture(block.attn, nh, None, rotary, n_txt, rec)
@@ -148,7 +149,7 @@ def _single_block(block, x, ctx, tt: TokenTime, rotary, layer: int, rec: Attenti
     else:
         res = torch.empty_like(h)
         torch.add(h[:, :n_txt], t_gate * out[:, :n_txt], out=res[:, :n_txt])
-        torch.addcmul(h[:, n_txt:], i_gate, out[:, n_txt:], out=res[:, n_txt:])
+        gated_residual(tt, h[:, n_txt:], i_gate, out[:, n_txt:], out=res[:, n_txt:])
         h = res
     if h.dtype == torch.float16:
         h = h.clip(-65504, 65504)
@@ -169,6 +170,7 @@ def flux_transformer_forward(
     time_resolution: float | None = None,
     attention_tokens: list[list[int]] | None = None,
     time_levels: int | None = None,
+    tile_sizes: tuple[int, ...] = TILE_SIZES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``FluxTransformer2DModel.forward`` with a per-token time ``tau`` (B, N) in [0, 1].
 
@@ -176,6 +178,7 @@ def flux_transformer_forward(
     Returns the model output (B, N, C) and, if layers were requested, the text->image maps
     (B, n_text, h, w) averaged over heads and the requested layers; with ``attention_tokens``
     (text positions per sample) only those positions are computed, the others are zero.
+    ``tile_sizes``: see :meth:`TokenTime.in_tiles` (``()`` keeps the per-token gathers).
     """
     tr = transformer
     x = tr.x_embedder(hidden_states)
@@ -189,7 +192,9 @@ def flux_transformer_forward(
 
     if time_levels is not None:
         t = snap_to_levels(t, time_levels)
-    tt = build_token_time(t, embed, None if time_resolution is None else time_resolution * 1000)
+    tt = build_token_time(t, embed, None if time_resolution is None else time_resolution * 1000).in_tiles(tile_sizes)
+    if tt.order is not None:  # image tokens permuted into tiles; their rotary ids travel with them
+        x, img_ids = x[:, tt.order], img_ids[tt.order]
     ctx = tr.context_embedder(encoder_hidden_states)
     rotary = tr.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
     rec = AttentionRecorder(attention_layers, attention_tokens)
@@ -202,8 +207,8 @@ def flux_transformer_forward(
     no = tr.norm_out
     scale, shift = tt.image_chunks(no.linear(no.silu(tt.table).to(x.dtype)), 2, scales=(0,))
     x = modulate_image(tt, no.norm(x), shift, scale)
-    out = tr.proj_out(x)
-    return out, (rec.result(grid, encoder_hidden_states.shape[1]) if grid is not None else None)
+    out = tt.restore_order(tr.proj_out(x))
+    return out, (rec.result(grid, encoder_hidden_states.shape[1], tt.order) if grid is not None else None)
 
 
 class FluxBackbone(Backbone):

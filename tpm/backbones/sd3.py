@@ -20,6 +20,7 @@ import torch
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
 from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
 from tpm.backbones.modulation import (
+    TILE_SIZES,
     TokenTime,
     build_token_time,
     gated_residual,
@@ -116,13 +117,15 @@ def sd3_transformer_forward(
     time_resolution: float | None = None,
     attention_tokens: list[list[int]] | None = None,
     time_levels: int | None = None,
+    tile_sizes: tuple[int, ...] = TILE_SIZES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``SD3Transformer2DModel.forward`` with a per-token time ``tau`` (B, h, w) in [0, 1].
 
     Equals the stock forward (given ``timestep = 1000 * tau``) when every sample's field is
     uniform. Returns the output (B, C, H, W) and the text->image maps (B, n_text, h, w) of the
     requested layers (``None`` if none); with ``attention_tokens`` (text positions per sample) only
-    those positions are computed, the others are zero.
+    those positions are computed, the others are zero. ``tile_sizes``: see
+    :meth:`TokenTime.in_tiles` (``()`` keeps the per-token gathers).
     """
     tr = transformer
     height, width = hidden_states.shape[-2:]
@@ -136,18 +139,20 @@ def sd3_transformer_forward(
 
     if time_levels is not None:
         t = snap_to_levels(t, time_levels)
-    tt = build_token_time(t, embed, None if time_resolution is None else time_resolution * 1000)
+    tt = build_token_time(t, embed, None if time_resolution is None else time_resolution * 1000).in_tiles(tile_sizes)
+    if tt.order is not None:  # image tokens permuted into tiles (position embedding already added)
+        x = x[:, tt.order]
     ctx = tr.context_embedder(encoder_hidden_states)
     rec = AttentionRecorder(attention_layers, attention_tokens)
     for i, block in enumerate(tr.transformer_blocks):
         x, ctx = _joint_block(block, x, ctx, tt, i, rec)
     no = tr.norm_out
     scale, shift = tt.image_chunks(no.linear(no.silu(tt.table).to(x.dtype)), 2, scales=(0,))
-    x = tr.proj_out(modulate_image(tt, no.norm(x), shift, scale))
+    x = tt.restore_order(tr.proj_out(modulate_image(tt, no.norm(x), shift, scale)))
     c = tr.out_channels
     x = x.reshape(x.shape[0], grid[0], grid[1], p, p, c)
     out = torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, grid[0] * p, grid[1] * p)
-    return out, rec.result(grid, encoder_hidden_states.shape[1])
+    return out, rec.result(grid, encoder_hidden_states.shape[1], tt.order)
 
 
 class SD3Backbone(Backbone):
