@@ -191,6 +191,24 @@ def paired_ratios(times: dict[str, list[float]], ref: str) -> dict:
     return out
 
 
+def environment() -> dict:
+    """Where a timing was taken: torch threads and version, load average, processor."""
+    return {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "machine": platform.processor() or platform.machine()}
+
+
+def emit(result: dict, out: str | None, quiet: bool = False) -> dict:
+    """Print ``result`` as JSON (unless ``quiet``) and also write it to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    if not quiet:
+        print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
 def bootstrap_mean(x: list[float], n: int = 10000, seed: int = 0) -> dict:
     """Mean of ``x`` with a bootstrap 95 % interval, and the median."""
     rng = random.Random(seed)
@@ -369,10 +387,7 @@ def main(argv=None, quiet: bool = False) -> dict:
                     help="pool the rounds of saved runs (no timing): mean per-round ratio, bootstrap 95 %%")
     args = ap.parse_args(argv)
     if args.pool:
-        result = pool_runs(args.pool)
-        if not quiet:
-            print(json.dumps(result, indent=2))
-        return result
+        return emit(pool_runs(args.pool), args.out, quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -383,17 +398,9 @@ def main(argv=None, quiet: bool = False) -> dict:
     configs = [run(i, t) for i, t in parse_tokens(args.tokens or preset["tokens"])]
     result = {
         "benchmark": "bench_sampler", "preset": args.preset, "batch": args.batch, "steps": args.steps,
-        "repeats": args.repeats, "clock": args.clock, "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "load_average": [round(x, 2) for x in os.getloadavg()],
-        "machine": platform.processor() or platform.machine(), "configs": configs,
+        "repeats": args.repeats, "clock": args.clock, **environment(), "configs": configs,
     }
-    text = json.dumps(result, indent=2)
-    if not quiet:
-        print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(result, args.out, quiet)
 
 
 if __name__ == "__main__":

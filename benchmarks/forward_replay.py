@@ -23,9 +23,7 @@ over calls, and the median. Process CPU time, one torch thread (``--clock cpu``)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -112,17 +110,11 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "forward_replay", "image_tokens": image_tokens, "text_tokens": text_tokens,
         "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "calls": len(calls) * args.rounds,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "load_average": [round(x, 2) for x in os.getloadavg()], "machine": platform.processor() or platform.machine(),
+        **bench.environment(),
         "ratio_to_stock": {k: bench.bootstrap_mean(v) for k, v in ratios.items()},
         "total_s": {k: round(v, 2) for k, v in seconds.items()},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return bench.emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ broken path shows up before a GPU is lent (it is part of the test suite).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -188,12 +187,7 @@ def main(argv=None) -> dict:
               "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
     for name in wanted:
         result[name] = _section(sections[name], ctx)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return bench_sampler.emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,14 @@
 """benchmarks/gpu_check.py's CPU dry run: every section's code path runs at tiny sizes."""
 
-import importlib.util
-import os
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
-def test_dry_run_every_section_passes(tmp_path):
+def test_dry_run_every_section_passes(tmp_path, load_benchmark):
     import json
 
     out = tmp_path / "check.json"
-    res = _load().main(["--dry-run", "--out", str(out)])
+    res = load_benchmark("gpu_check").main(["--dry-run", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     for name in ("cuda_tests", "equivalence_bf16", "sampler_4096", "grpo_sd35_medium"):
         assert res[name]["status"] == "ok", (name, res[name])
@@ -33,6 +21,6 @@ def test_dry_run_every_section_passes(tmp_path):
     assert grpo["iteration_s"] > 0 and grpo["rollout_s"] > 0 and grpo["peak_memory_GiB"] is None
 
 
-def test_unknown_section_is_one_clear_error():
+def test_unknown_section_is_one_clear_error(load_benchmark):
     with pytest.raises(SystemExit, match="unknown sections"):
-        _load().main(["--dry-run", "--sections", "nope"])
+        load_benchmark("gpu_check").main(["--dry-run", "--sections", "nope"])

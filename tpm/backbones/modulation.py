@@ -95,7 +95,7 @@ class TokenTime:
         :data:`TILE_MIN_TOKENS` image tokens, or when that traffic is over half the per-token
         gather's (nearly every token in its own group).
         """
-        if self.img_index is None or not sizes or self.img_index.shape[1] < TILE_MIN_TOKENS:
+        if self.uniform or not sizes or self.img_index.shape[1] < TILE_MIN_TOKENS:
             return self
         idx = self.img_index
         n = idx.shape[1]
@@ -112,9 +112,9 @@ class TokenTime:
         if traffic(tile) > n / 2:
             return self
         grouped = torch.argsort(key, stable=True)
-        start = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(n, device=idx.device) - start[key[grouped]]
-        whole = rank < (counts // tile * tile)[key[grouped]]
+        group = key[grouped]
+        rank = torch.arange(n, device=idx.device) - (torch.cumsum(counts, 0) - counts)[group]  # within its group
+        whole = rank < (counts // tile * tile)[group]
         order = torch.cat([grouped[whole], grouped[~whole]])
         permuted = idx[:, order]
         m = int(whole.sum())
