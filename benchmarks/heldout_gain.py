@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", default="1000-1007", help="noise sets, e.g. 1000-1007 or 3,5,8")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reward", default=None,
+                    help="registered reward to score with (default: the testbed verifier of the prompts' domain)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    bench = VerifierBench(args.model, args.prompts, threads=args.threads, batch_size=args.batch_size)
+    bench = VerifierBench(args.model, args.prompts, threads=args.threads, batch_size=args.batch_size,
+                          reward=args.reward)
     prompts, seeds = bench.prompts, parse_seeds(args.seeds)
 
     def scores(policy, steps: int) -> np.ndarray:

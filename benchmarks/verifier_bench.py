@@ -19,11 +19,11 @@ import torch
 class VerifierBench:
     """``model`` and ``prompts`` loaded once; :meth:`scores` gives per-prompt verifier scores."""
 
-    def __init__(self, model: str, prompts: str, *, threads: int = 2, batch_size: int = 128):
+    def __init__(self, model: str, prompts: str, *, threads: int = 2, batch_size: int = 128, reward: str | None = None):
         import rewards
         from tpm.backbones import get_backbone
         from tpm.grpo import training_reward
-        from tpm.loading import load_model, load_prompts
+        from tpm.loading import load_model, load_prompts, testbed_domain
 
         torch.set_num_threads(threads)
         self.pipe = load_model(model)
@@ -31,7 +31,9 @@ class VerifierBench:
         self.sample_kwargs = self.backbone.sample_kwargs()
         self.prompts = load_prompts(prompts)
         self.batch_size = batch_size
-        verifier = rewards.load("testbed")
+        # The spatial testbed's prompts are scored by its own verifier unless a reward is named.
+        default = "testbed_spatial" if testbed_domain(prompts) == "spatial" else "testbed"
+        verifier = rewards.load(reward or default)
         self.reward = training_reward(lambda images, p: verifier.raw_scores(images, p))
 
     def scores(self, policy, steps: int, noise_sets: Sequence[int]) -> np.ndarray:

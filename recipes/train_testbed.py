@@ -43,6 +43,11 @@ class TrainTestbedConfig:
     """Configuration of ``recipes/train_testbed.py`` (every field is a command-line flag)."""
 
     backbone: str = field(default="flux", metadata=_help("Pipeline family: 'flux' or 'sd3'."))
+    domain: str = field(
+        default="shapes",
+        metadata=_help("Scenes to train on: 'shapes' (32 px, plain background) or 'spatial' (64 px, up to four "
+                       "objects of two sizes on backgrounds with content; pass --resolution 64)."),
+    )
     timestep_sampler: str = field(
         default="sync",
         metadata=_help("Training-time field sampler: 'sync' (logit-normal), 'patchwise', 'perlin' or "
@@ -54,6 +59,10 @@ class TrainTestbedConfig:
                        "m > 0 trains more at high noise, where the prompt decides the composition."),
     )
     time_scale: float = field(default=1.0, metadata=_help("Scale s of the logit-normal time distribution."))
+    p_sync: float = field(
+        default=0.25, metadata=_help("'controlled' only: probability of a uniform (synchronous) field in a sample."))
+    max_spread: float = field(
+        default=0.5, metadata=_help("'controlled' only: largest standard deviation of times within an image."))
     output_dir: str = field(default="outputs/testbed-flux", metadata=_help("Run folder: logs, grids, vae/, pipeline/."))
     vae_path: str | None = field(
         default=None,
@@ -82,8 +91,19 @@ class TrainTestbedConfig:
     )
     max_minutes: float | None = field(
         default=None,
-        metadata=_help("Stop the transformer stage early after this many wall-clock minutes (the steps done "
-                       "are recorded in train_report.json); None trains all --steps."),
+        metadata=_help("Stop the transformer stage after this many wall-clock minutes of this invocation, save "
+                       "the pipeline and the training state; running the same command again resumes. None "
+                       "trains all --steps."),
+    )
+    save_minutes: float = field(
+        default=10.0,
+        metadata=_help("Write the resumable training state (<output-dir>/state/) every this many minutes, so an "
+                       "interrupted run loses at most that much."),
+    )
+    resume: bool = field(
+        default=True,
+        metadata=_help("Continue from <output-dir>/state/ when it exists (same command, same flags); "
+                       "--no-resume starts over."),
     )
     batch_size: int = field(default=64, metadata=_help("Transformer batch size (per process)."))
     learning_rate: float = field(default=1e-3, metadata=_help("Peak AdamW learning rate (transformer and text encoders)."))
@@ -101,7 +121,11 @@ class TrainTestbedConfig:
     grid_prompts: int = field(default=16, metadata=_help("Validation prompts in the per-epoch PNG grid."))
     seed: int = field(default=0, metadata=_help("Seed for data, initialisation and time fields."))
     threads: int = field(default=1, metadata=_help("torch CPU threads (1 is fastest on a busy 2-core machine)."))
-    save_dtype: str = field(default="float16", metadata=_help("dtype of the saved pipeline: float16 or float32."))
+    save_dtype: str = field(
+        default="float32",
+        metadata=_help("dtype of the saved pipeline: float32 (plain DiffusionPipeline.from_pretrained with no "
+                       "torch_dtype works) or float16 (half the size; then load with torch_dtype=torch.float32)."),
+    )
 
     def __post_init__(self):
         from tpm.testbed.timestep_samplers import TIMESTEP_SAMPLERS
@@ -112,12 +136,18 @@ class TrainTestbedConfig:
             raise ValueError("--save-dtype must be float16 or float32")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError("--cond-dropout must be in [0, 1)")
+        from tpm.testbed.splits import DOMAINS
+
+        if self.domain not in DOMAINS:
+            raise ValueError(f"--domain must be one of {list(DOMAINS)}")
+        if self.domain == "spatial" and self.resolution < 64:
+            raise ValueError("--domain spatial needs --resolution 64 or more (objects must cover 2x2 tokens)")
 
     def model_config(self):
         from tpm.testbed.models import TestbedModelConfig
 
         return TestbedModelConfig(
-            backbone=self.backbone, resolution=self.resolution, latent_channels=self.latent_channels,
+            backbone=self.backbone, domain=self.domain, resolution=self.resolution, latent_channels=self.latent_channels,
             vae_channels=tuple(self.vae_channels), max_sequence_length=self.max_sequence_length,
             num_heads=self.num_heads, head_dim=self.head_dim,
             num_layers=self.num_layers, num_single_layers=self.num_single_layers,
@@ -140,17 +170,21 @@ def _time_kwargs(cfg: TrainTestbedConfig) -> dict:
     if cfg.timestep_sampler == "sync":
         return {"mean": cfg.time_loc, "std": cfg.time_scale}
     if cfg.timestep_sampler == "controlled":
-        return {"mean_loc": cfg.time_loc, "mean_scale": cfg.time_scale}
+        return {"mean_loc": cfg.time_loc, "mean_scale": cfg.time_scale, "p_sync": cfg.p_sync,
+                "max_spread": cfg.max_spread}
     return {}
 
 
 def train_testbed(cfg: TrainTestbedConfig) -> dict:
     """Train a testbed pipeline end to end and save it to ``<output_dir>/pipeline``.
 
-    Stages: render ``num_images`` train-split images; fit (or load) the VAE and normalise its
-    latents; train transformer + text encoders with the flow-matching loss under the chosen time
-    sampler, logging to tensorboard (accelerate trackers) and writing a PNG grid per epoch; save
-    the EMA weights. Single process (CPU or one GPU). Returns timings and sizes.
+    Stages: render ``num_images`` train-split images of ``cfg.domain``; fit (or load) the VAE and
+    normalise its latents; train transformer + text encoders with the flow-matching loss under the
+    chosen time sampler, logging to tensorboard (accelerate trackers) and writing a PNG grid per
+    epoch; save the EMA weights. Every ``save_minutes`` and at a ``max_minutes`` stop the training
+    state goes to ``<output_dir>/state/``; the same command then resumes from it (the VAE from
+    ``<output_dir>/vae``, the data re-rendered from the same seeds), so a run can be spread over
+    several invocations and survives a kill. Single process (CPU or one GPU). Returns timings and sizes.
     """
     from accelerate import Accelerator
     from diffusers import AutoencoderKL
@@ -160,10 +194,12 @@ def train_testbed(cfg: TrainTestbedConfig) -> dict:
     from tpm.testbed.models import build_pipeline, build_vae, load_pipeline, save_pipeline
     from tpm.testbed.splits import sample_prompts
     from tpm.testbed.timestep_samplers import get_timestep_sampler
+    from tpm.testbed.train import STATE_DIR, load_training_state, save_training_state
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resuming = cfg.resume and ((out / STATE_DIR).exists() or (out / (STATE_DIR + ".old")).exists())
     acc = Accelerator(log_with="tensorboard", project_dir=str(out))
     if acc.num_processes > 1:
         raise RuntimeError("train_testbed runs in one process (the models are tiny); launch without --multi_gpu")
@@ -174,10 +210,11 @@ def train_testbed(cfg: TrainTestbedConfig) -> dict:
     mcfg = cfg.model_config()
     t_start = time.time()
 
-    data = render_dataset(cfg.num_images, cfg.resolution, split="train", seed=cfg.seed)
+    data = render_dataset(cfg.num_images, cfg.resolution, split="train", seed=cfg.seed, domain=cfg.domain)
     t_vae = time.time()
-    if cfg.vae_path:
-        vae = AutoencoderKL.from_pretrained(cfg.vae_path, torch_dtype=torch.float32).to(device)
+    vae_path = cfg.vae_path or (str(out / "vae") if resuming and (out / "vae").is_dir() else None)
+    if vae_path:
+        vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).to(device)
     else:
         torch.manual_seed(cfg.seed)
         vae = build_vae(mcfg).to(device)
@@ -185,27 +222,33 @@ def train_testbed(cfg: TrainTestbedConfig) -> dict:
                   log=lambda d, s: log(d, step=s))
     vae.eval()
     latents = fit_latent_normalization(vae, data.images)
-    if not cfg.vae_path:
+    if not vae_path:
         vae.save_pretrained(out / "vae")
     t_vae = time.time() - t_vae
 
     pipe = build_pipeline(mcfg, vae=vae, seed=cfg.seed).to(device)
     bb = get_backbone(pipe)
     names = ["transformer", "text_encoder", "text_encoder_2"] + (["text_encoder_3"] if cfg.backbone == "sd3" else [])
-    trainable = [pipe.components[n] for n in names]
+    trainable = {n: pipe.components[n] for n in names}
     if cfg.init_from:
         src = load_pipeline(cfg.init_from)
         for n in names:
             pipe.components[n].load_state_dict(src.components[n].state_dict())
-    params = [p for m in trainable for p in m.parameters()]
+    params = [p for m in trainable.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
-    opt, sched = acc.prepare(opt, sched)
     ema = EMAModel(params, decay=cfg.ema_decay)
-    sampler = get_timestep_sampler(cfg.timestep_sampler, **_time_kwargs(cfg))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    start_step, loss_avg, seconds_before = 0, None, 0.0
+    if resuming:
+        info = load_training_state(out, trainable, ema=ema, optimizer=opt, scheduler=sched, generator=gen)
+        start_step, loss_avg = info["step"], info.get("loss_avg")
+        seconds_before = info.get("seconds_transformer", 0.0)
+        print(f"resuming {out} at step {start_step} of {cfg.steps}", file=sys.stderr)
+    opt, sched = acc.prepare(opt, sched)
+    sampler = get_timestep_sampler(cfg.timestep_sampler, **_time_kwargs(cfg))
     h = w = cfg.resolution // mcfg.token_size
-    grid_prompts = [it.prompt for it in sample_prompts(cfg.grid_prompts, split="val", seed=cfg.seed)]
+    grid_prompts = [it.prompt for it in sample_prompts(cfg.grid_prompts, split="val", seed=cfg.seed, domain=cfg.domain)]
     steps_per_epoch = max(1, cfg.num_images // cfg.batch_size)
 
     def save_grid(tag: str) -> None:
@@ -214,12 +257,17 @@ def train_testbed(cfg: TrainTestbedConfig) -> dict:
         sample_grid(pipe, grid_prompts, seed=cfg.seed).save(out / f"samples_{tag}.png")
         ema.restore(params)
 
+    def save_state(step: int, seconds: float) -> None:
+        save_training_state(out, trainable, ema=ema, optimizer=opt, scheduler=sched, generator=gen, step=step,
+                            extra={"loss_avg": loss_avg, "seconds_transformer": seconds})
+
     t_train = time.time()
-    for m in trainable:
+    t_saved = t_train
+    for m in trainable.values():
         m.train()
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.backbone}/{cfg.timestep_sampler}", disable=not acc.is_local_main_process)
-    loss_avg = None
-    steps_done = 0
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+               desc=f"train {cfg.backbone}/{cfg.domain}/{cfg.timestep_sampler}", disable=not acc.is_local_main_process)
+    steps_done = start_step
     for step in bar:
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
         prompts = [
@@ -241,32 +289,38 @@ def train_testbed(cfg: TrainTestbedConfig) -> dict:
         bar.set_postfix(loss=f"{loss_avg:.4f}")
         if step % 10 == 0:
             log({"train/loss": float(loss), "train/lr": sched.get_last_lr()[0]}, step=step)
-        out_of_time = (cfg.max_minutes is not None and time.time() - t_train > 60 * cfg.max_minutes) or (
-            cfg.stop_step is not None and step + 1 >= cfg.stop_step
-        )
-        if (step + 1) % steps_per_epoch == 0 or step + 1 == cfg.steps or out_of_time:
-            for m in trainable:
-                m.eval()
-            last = step + 1 == cfg.steps or out_of_time
-            save_grid("final" if last else f"epoch{(step + 1) // steps_per_epoch:03d}")
-            for m in trainable:
-                m.train()
         steps_done = step + 1
+        now = time.time()
+        out_of_time = (cfg.max_minutes is not None and now - t_train > 60 * cfg.max_minutes) or (
+            cfg.stop_step is not None and steps_done >= cfg.stop_step
+        )
+        last = steps_done == cfg.steps or out_of_time
+        if steps_done % steps_per_epoch == 0 or last:
+            for m in trainable.values():
+                m.eval()
+            save_grid("final" if last else f"epoch{steps_done // steps_per_epoch:03d}")
+            for m in trainable.values():
+                m.train()
+        if last or now - t_saved > 60 * cfg.save_minutes:
+            save_state(steps_done, seconds_before + now - t_train)
+            t_saved = now
         if out_of_time:
             break
-    t_train = time.time() - t_train
+    t_train = seconds_before + time.time() - t_train
     ema.copy_to(params)
-    for m in trainable:
+    for m in trainable.values():
         m.eval()
     n_params = {name: sum(p.numel() for p in c.parameters())
                 for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
     report = {
         "backbone": cfg.backbone,
+        "domain": cfg.domain,
         "timestep_sampler": cfg.timestep_sampler,
         "seconds_total": round(time.time() - t_start, 1),
         "seconds_vae": round(t_vae, 1),
         "seconds_transformer": round(t_train, 1),
         "steps_done": steps_done,
+        "steps_planned": cfg.steps,
         "batch_size": cfg.batch_size,
         "final_loss_ema": loss_avg,
         "parameters": n_params,

@@ -19,7 +19,7 @@ from typing import Any
 from tpm.loading import (
     LoadError,
     default_model,
-    is_testbed_prompt_set,
+    testbed_domain,
     load_model,
     load_prompts,
     parse_spec,
@@ -29,7 +29,11 @@ from tpm.loading import (
 DEFAULT_POLICIES = ("synchronous", "asyndm", "dm_concave")
 DEFAULT_PROMPTS = "testbed:val"
 # The verifier twice: the fraction of constraints met, and whether all are (GenEval-style accuracy).
-TESTBED_REWARDS = {"verifier": ("testbed", {}), "verifier_all_correct": ("testbed", {"metric": "all_correct"})}
+TESTBED_REWARDS = {
+    "shapes": {"verifier": ("testbed", {}), "verifier_all_correct": ("testbed", {"metric": "all_correct"})},
+    "spatial": {"verifier": ("testbed_spatial", {}), "verifier_all_correct": ("testbed_spatial", {"metric": "all_correct"}),
+                "fidelity": ("testbed_fidelity", {})},
+}
 
 
 class CLIError(ValueError):
@@ -90,9 +94,11 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool) -> dict[str, Any]:
+def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool | str) -> dict[str, Any]:
     """``{label: reward callable}`` from names (``name:key=value``), callables or a dict; ``None`` is
-    the testbed verifier, which only testbed prompts can use. Raises :class:`CompareError`."""
+    the testbed verifier (and, for the spatial testbed's prompts, its fidelity score), which only
+    testbed prompts can use: ``testbed_prompts`` is their domain ("shapes" / "spatial"; True means
+    "shapes") or False. Raises :class:`CompareError`."""
     import rewards as reward_lib
     from tpm.comparison import CompareError
 
@@ -100,7 +106,8 @@ def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool) 
         if not testbed_prompts:
             raise CompareError("give rewards for this prompt set (e.g. rewards='clipscore'); registered: "
                                f"{', '.join(sorted(reward_lib.registered_rewards()))}")
-        return {label: reward_lib.load(name, **kw) for label, (name, kw) in TESTBED_REWARDS.items()}
+        domain = "shapes" if testbed_prompts is True else testbed_prompts
+        return {label: reward_lib.load(name, **kw) for label, (name, kw) in TESTBED_REWARDS[domain].items()}
     if isinstance(specs, dict):
         return dict(specs)
     rew = {}
@@ -192,8 +199,10 @@ def compare(
             raise CompareError("the prompt list is empty")
         prompt_list = subset(prompt_list, num_prompts, prompt_seed)
         prompt_label = f"{len(prompt_list)} given prompts"
-    rew = resolve_rewards(rewards, is_testbed_prompt_set(prompts))
+    rew = resolve_rewards(rewards, testbed_domain(prompts) or False)
     seeds = seed_list(seeds)
+    if model is None and testbed_domain(prompts) == "spatial":
+        model = "testbed:spatial"  # the spatial testbed's prompts are drawn by its own model
     pipe, model_label = _pipeline(model, device, lora)
     if lora:
         model_label += f" + LoRA {lora if isinstance(lora, str) else ','.join(map(str, lora))}"
@@ -311,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpm", description="Timestep policies for diffusion and flow models")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="sample images with a policy and write PNGs")
-    s.add_argument("--model", default=None, help="pipeline path / hub id, testbed:flux|sd3|flux-asyncpatch, or tiny:flux|sd3")
+    s.add_argument("--model", default=None, help="pipeline path / hub id, testbed:flux|sd3|flux-asyncpatch|unet|spatial, or tiny:flux|sd3")
     s.add_argument("--lora", action="append", default=None,
                    help="LoRA adapter to load into the backbone: a diffusers LoRA file/folder/hub id or a peft "
                         "adapter folder, optionally PATH:SCALE; repeat or comma-separate for several")
@@ -342,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt set name (testbed:val, animal-activity, drawbench=FILE_OR_ID, ...), a file or a hub id")
     c.add_argument("--rewards", default=None,
                    help="comma-separated reward names (name or name:key=value); default: the testbed verifier")
-    c.add_argument("--model", default=None, help="as for `tpm sample`; default: the testbed Flux")
+    c.add_argument("--model", default=None, help="as for `tpm sample`; default: the testbed Flux (testbed:spatial for the spatial testbed's prompt sets)")
     c.add_argument("--lora", action="append", default=None,
                    help="LoRA adapter to load into the backbone: a diffusers LoRA file/folder/hub id or a peft "
                         "adapter folder, optionally PATH:SCALE; repeat or comma-separate for several")

@@ -4,7 +4,8 @@ Models, :func:`load_model` (``spec``):
 
 - ``tiny:flux`` / ``tiny:sd3``: random tiny pipelines of the real classes (:mod:`tpm.testing`),
   to check plumbing offline;
-- ``testbed:NAME``: a shipped testbed checkpoint (``flux``, ``sd3``, ``flux-asyncpatch``);
+- ``testbed:NAME``: a shipped testbed checkpoint (``flux``, ``sd3``, ``flux-asyncpatch``, ``unet``,
+  ``spatial``: the 64-token spatial testbed Flux);
 - a folder holding ``testbed.json``: a testbed pipeline written by ``recipes/train_testbed.py``;
 - a diffusers folder (``save_pretrained``) or a hub id, read through the HF cache (offline
   machines need it cached).
@@ -18,7 +19,8 @@ Flow-GRPO / DanceGRPO checkpoints are saved), or a file written by ``transformer
 Prompt sets, :func:`load_prompts` (``spec``):
 
 - a registered set (:func:`available_sets`): ``testbed:train``, ``testbed:val``, ``testbed:test``
-  (the testbed's splits), ``animal-activity`` (AsynDM's "a(n) [animal] [activity]" prompts,
+  (the testbed's splits), ``testbed:spatial-train`` / ``-val`` / ``-test`` (the spatial testbed's:
+  the same compositions, at most four objects), ``animal-activity`` (AsynDM's "a(n) [animal] [activity]" prompts,
   generated from the word lists below), and the public benchmarks ``drawbench``, ``geneval``,
   ``t2i-compbench``, ``coco``, which we do not ship: give their data as ``NAME=SOURCE`` (a local
   file or a hub id, e.g. ``drawbench=sayakpaul/drawbench``) and the set's default column is used;
@@ -491,11 +493,11 @@ def animal_activity() -> list[str]:
     return out
 
 
-def _testbed_split(split: str) -> Callable[[], list[str]]:
+def _testbed_split(split: str, domain: str = "shapes") -> Callable[[], list[str]]:
     def gen() -> list[str]:
         from tpm.testbed import get_split
 
-        return [item.prompt for item in get_split(split)]
+        return [item.prompt for item in get_split(split, domain=domain)]
 
     return gen
 
@@ -505,6 +507,8 @@ SETS: dict[str, PromptSet] = {
     for s in (
         PromptSet("animal-activity", "AsynDM's a(n) [animal] [activity] prompts (generated)", generate=animal_activity),
         *(PromptSet(f"{TESTBED_PREFIX}{sp}", f"testbed {sp} split", generate=_testbed_split(sp)) for sp in TESTBED_SPLITS),
+        *(PromptSet(f"{TESTBED_PREFIX}spatial-{sp}", f"spatial testbed {sp} split (at most four objects)",
+                    generate=_testbed_split(sp, "spatial")) for sp in TESTBED_SPLITS),
         PromptSet("drawbench", "DrawBench (Saharia et al.); give drawbench=FILE_OR_HUB_ID", column="Prompts",
                   needs_source=True),
         PromptSet("geneval", "GenEval metadata jsonl; give geneval=FILE_OR_HUB_ID", column="prompt",
@@ -522,9 +526,22 @@ def available_sets() -> list[str]:
     return sorted(SETS)
 
 
+def testbed_domain(spec: Any) -> str | None:
+    """``"shapes"`` or ``"spatial"`` when ``spec`` names one of the testbed's splits (whose prompts the
+    testbed verifier scores: ``testbed:val``, ``testbed:spatial-val``, ...), else None."""
+    if not isinstance(spec, str):
+        return None
+    name = _DEPRECATED.get(spec, spec)
+    if name in {f"{TESTBED_PREFIX}{sp}" for sp in TESTBED_SPLITS}:
+        return "shapes"
+    if name in {f"{TESTBED_PREFIX}spatial-{sp}" for sp in TESTBED_SPLITS}:
+        return "spatial"
+    return None
+
+
 def is_testbed_prompt_set(spec: Any) -> bool:
     """Whether ``spec`` names one of the testbed's splits (whose prompts the testbed verifier scores)."""
-    return isinstance(spec, str) and _DEPRECATED.get(spec, spec) in {f"{TESTBED_PREFIX}{sp}" for sp in TESTBED_SPLITS}
+    return testbed_domain(spec) is not None
 
 
 def _canonical(name: str) -> str:
@@ -642,7 +659,8 @@ def load_prompts(spec: str, n: int | None = None, seed: int = 0, column: str | N
         raise PromptSetError(f"unknown prompt set {name!r}; valid names: {available_sets()}")
     elif name.startswith(TESTBED_PREFIX):
         raise PromptSetError(f"unknown testbed split {name!r}; the testbed's prompt sets are "
-                             f"{', '.join(TESTBED_PREFIX + sp for sp in TESTBED_SPLITS)}")
+                             f"{', '.join(TESTBED_PREFIX + sp for sp in TESTBED_SPLITS)} and "
+                             f"{', '.join(TESTBED_PREFIX + 'spatial-' + sp for sp in TESTBED_SPLITS)}")
     elif os.path.exists(spec) or "/" in spec or _looks_like_path(spec):
         prompts = read_dataset_prompts(spec, column, split)
     else:

@@ -1,5 +1,6 @@
 """The shipped testbed checkpoints load offline and sample (tpm/testbed/checkpoints/<name>/)."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
@@ -7,7 +8,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPip
 from tpm.testbed.models import CHECKPOINT_DIR, SHIPPED, call_kwargs, load_pipeline
 
 CLASSES = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux-asyncpatch": FluxPipeline,
-           "unet": StableDiffusionPipeline}
+           "unet": StableDiffusionPipeline, "spatial": FluxPipeline}
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +43,16 @@ def test_shipped_pipeline_loads_offline_and_samples(name):
     tau = torch.linspace(0, 1, h * w).reshape(1, h, w)
     v = bb.predict(x, tau, cond).velocity
     assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_shipped_folder_loads_and_runs_in_plain_diffusers_without_a_dtype(name):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(CHECKPOINT_DIR / name)  # no torch_dtype: the stored one
+    assert type(pipe) is CLASSES[name]
+    dtypes = {c.dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module)}
+    assert dtypes == {torch.float32}
+    kwargs = call_kwargs(load_pipeline(name), num_inference_steps=2)
+    out = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    assert out.shape[1:] == (kwargs["height"], kwargs["width"], 3) and np.isfinite(out).all()

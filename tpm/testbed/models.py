@@ -52,6 +52,8 @@ SHIPPED: dict[str, str] = {
     "sd3": "StableDiffusion3Pipeline trained with synchronous (logit-normal) times",
     "flux-asyncpatch": "FluxPipeline trained with the AsyncPatch controlled per-token sampler",
     "unet": "StableDiffusionPipeline (UNet, DDIM, v-prediction) trained by recipes/train_testbed_unet.py",
+    "spatial": "FluxPipeline on the spatial testbed: 64 px, 64 tokens, up to four objects of two sizes on backgrounds "
+               "with content; trained with synchronous and per-token (AsyncPatch controlled) times",
 }
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")  # ids 0, 1, 2 (CLIP's legacy pooling path is id 2 == eos)
 BACKBONES = tuple(_ADAPTERS)  # the pipeline families tpm.backbones supports
@@ -62,6 +64,7 @@ class TestbedModelConfig:
     """Sizes of one tiny testbed pipeline; saved in ``testbed.json`` beside the pipeline."""
 
     backbone: str = "flux"  # "flux" (FluxPipeline) or "sd3" (StableDiffusion3Pipeline)
+    domain: str = "shapes"  # the scenes it was trained on: "shapes" (plain, <= 5 shapes) or "spatial"
     resolution: int = 32  # image side in pixels that training and default sampling use
     vae_channels: tuple[int, ...] = (16, 32, 32)  # AutoencoderKL block widths; 2**(len-1) is the VAE factor
     latent_channels: int = 8  # VAE latent channels (Flux packs 2x2 of them into one token)
@@ -206,6 +209,7 @@ def finish_testbed_pipeline(pipe, cfg: TestbedModelConfig) -> None:
     finish_pipeline(pipe, cfg.defaults)
     pipe.default_sample_size = cfg.resolution // cfg.vae_factor  # makes height=None mean cfg.resolution
     pipe.tpm_testbed_config = cfg
+    pipe.tpm_domain = cfg.domain
 
 
 def save_pipeline(pipe, path: str | Path, cfg: TestbedModelConfig, dtype: torch.dtype = torch.float16) -> None:

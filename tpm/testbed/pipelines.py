@@ -92,6 +92,7 @@ class TestbedDefaultsMixin:
             finish_pipeline(pipe, call_defaults(data))
             pipe.default_sample_size = data["resolution"] // pipe.vae_scale_factor  # height=None: the resolution
             pipe.tpm_testbed_json = cfg_file.read_text()  # written again by save_pretrained
+            pipe.tpm_domain = data.get("domain", "shapes")
         return pipe
 
     def __call__(self, *args, **kwargs):
@@ -102,7 +103,30 @@ class TestbedDefaultsMixin:
             # only what this family's call takes (a UNet pipeline has no max_sequence_length)
             if name not in given and name in signature.parameters:
                 kwargs[name] = value
+        self._check_call(given.get("prompt"), kwargs.get("height", given.get("height")),
+                         kwargs.get("width", given.get("width")))
         return parent(self, *args, **kwargs)
+
+    def _check_call(self, prompt, height, width) -> None:
+        """One clear error for what the testbed model cannot draw, instead of diffusers' silent resize
+        (sizes) or a picture of unknown words (prompts of the spatial testbed, whose grammar is strict)."""
+        factor = getattr(self, "vae_scale_factor", 1) * (2 if hasattr(self, "transformer") else 1)
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value % factor:
+                raise ValueError(f"{name}={value} is not a multiple of the token size {factor} px of this testbed "
+                                 f"model; use e.g. {max(factor, value // factor * factor)}")
+        if getattr(self, "tpm_domain", "shapes") != "spatial" or prompt is None:
+            return
+        from tpm.testbed.grammar import DomainError
+        from tpm.testbed.spatial import check_scene
+
+        for p in [prompt] if isinstance(prompt, str) else prompt:
+            if p == "":  # the unconditional prompt (classifier-free guidance)
+                continue
+            try:
+                check_scene(p)
+            except DomainError as e:
+                raise ValueError(f"the spatial testbed cannot draw {p!r}: {e}") from None
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """The parent's ``save_pretrained``, then ``model_index.json`` names the parent class (so plain

@@ -14,6 +14,11 @@ The split rule (fixed, independent of any sampling seed):
 - ``single`` ("a red circle", all 18 types) and ``two`` ("a circle and a square", 6 prompts) are
   the primitives the backbone must learn to draw: they belong to every split and are excluded
   from the disjointness guarantee.
+
+Domains: ``"shapes"`` (the 16-token testbed, every prompt of the grammar) and ``"spatial"``
+(:mod:`tpm.testbed.spatial`: only scenes of at most four shapes, so "four red circles and a blue
+square" is left out). A domain only filters prompts; the split of a composition is the same in
+both, so the spatial splits are disjoint by composition exactly as the shapes splits are.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from tpm.testbed.grammar import (
 )
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+DOMAINS: tuple[str, ...] = ("shapes", "spatial")
 SHARED_CATEGORIES: tuple[str, ...] = ("single", "two")
 HELD_OUT_FRACTION = {"val": 0.15, "test": 0.15}
 _SPLIT_SEED = 20261121  # fixed forever: changing it reshuffles which compositions are held out
@@ -99,6 +105,19 @@ def _check_split(split: str) -> None:
         raise DomainError(f"unknown split {split!r}; use one of {list(SPLITS)}")
 
 
+def _check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        raise DomainError(f"unknown testbed domain {domain!r}; use one of {list(DOMAINS)}")
+
+
+def _in_domain(spec: SceneSpec, domain: str) -> bool:
+    if domain == "spatial":
+        from tpm.testbed.spatial import MAX_OBJECTS
+
+        return spec.n_drawn <= MAX_OBJECTS
+    return True
+
+
 def _check_category(category: str) -> None:
     if category not in CATEGORIES:
         raise DomainError(f"unknown category {category!r}; use one of {list(CATEGORIES)}")
@@ -125,22 +144,24 @@ def _all_specs(category: str) -> list[SceneSpec]:
 
 
 @functools.cache
-def enumerate_prompts(category: str, split: str) -> tuple[PromptItem, ...]:
-    """Every distinct prompt of ``category`` in ``split``, sorted by prompt text."""
+def enumerate_prompts(category: str, split: str, domain: str = "shapes") -> tuple[PromptItem, ...]:
+    """Every distinct prompt of ``category`` in ``split`` of ``domain``, sorted by prompt text."""
     _check_category(category)
     _check_split(split)
+    _check_domain(domain)
     items = [
         PromptItem(spec.to_prompt(), spec, category)
         for spec in _all_specs(category)
-        if split_of(spec) in (split, "all")
+        if split_of(spec) in (split, "all") and _in_domain(spec, domain)
     ]
     return tuple(sorted(items, key=lambda it: it.prompt))
 
 
-def sample_prompts(n: int, category: str | None = None, split: str = "train", seed: int = 0) -> list[PromptItem]:
+def sample_prompts(n: int, category: str | None = None, split: str = "train", seed: int = 0,
+                   domain: str = "shapes") -> list[PromptItem]:
     """``n`` prompts drawn with replacement; ``category=None`` draws a category uniformly per item.
 
-    Deterministic given (n, category, split, seed).
+    Deterministic given (n, category, split, seed, domain).
     """
     if n < 0:
         raise DomainError(f"n must be >= 0, got {n}")
@@ -149,14 +170,14 @@ def sample_prompts(n: int, category: str | None = None, split: str = "train", se
     for c in cats:
         _check_category(c)
     rng = random.Random(seed)
-    return [rng.choice(enumerate_prompts(rng.choice(cats), split)) for _ in range(n)]
+    return [rng.choice(enumerate_prompts(rng.choice(cats), split, domain)) for _ in range(n)]
 
 
-def get_split(name: str, n: int | None = None, seed: int = 0) -> list[PromptItem]:
-    """All distinct prompts of split ``name`` (every category), or ``n`` distinct ones balanced over
-    categories (round robin over seeded shuffles of each category's prompts)."""
+def get_split(name: str, n: int | None = None, seed: int = 0, domain: str = "shapes") -> list[PromptItem]:
+    """All distinct prompts of split ``name`` of ``domain`` (every category), or ``n`` distinct ones
+    balanced over categories (round robin over seeded shuffles of each category's prompts)."""
     _check_split(name)
-    pools = [list(enumerate_prompts(c, name)) for c in CATEGORIES]
+    pools = [list(enumerate_prompts(c, name, domain)) for c in CATEGORIES]
     if n is None:
         return [it for pool in pools for it in pool]
     total = sum(map(len, pools))

@@ -26,6 +26,8 @@ __all__ = [
     "train_vae",
     "fit_latent_normalization",
     "sample_grid",
+    "save_training_state",
+    "load_training_state",
 ]
 
 
@@ -37,15 +39,20 @@ class RenderedData:
     prompts: list[str]
 
 
-def render_dataset(n: int, resolution: int, split: str = "train", seed: int = 0, progress: bool = True) -> RenderedData:
-    """``n`` prompts of ``split`` (categories drawn uniformly), each rendered once with its own seed."""
+def render_dataset(n: int, resolution: int, split: str = "train", seed: int = 0, progress: bool = True,
+                   domain: str = "shapes") -> RenderedData:
+    """``n`` prompts of ``split`` of ``domain`` (categories drawn uniformly), each rendered once with its
+    own seed: ``"shapes"`` by :func:`tpm.testbed.render.render`, ``"spatial"`` by
+    :func:`tpm.testbed.spatial.render_spatial` (backgrounds with content, up to four objects)."""
     from tpm.testbed.render import render
+    from tpm.testbed.spatial import render_spatial
     from tpm.testbed.splits import sample_prompts
 
-    items = sample_prompts(n, split=split, seed=seed)
+    draw = render_spatial if domain == "spatial" else render
+    items = sample_prompts(n, split=split, seed=seed, domain=domain)
     arr = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
     for i, it in enumerate(tqdm(items, desc="render", disable=not progress)):
-        arr[i] = np.asarray(render(it.spec, size=resolution, seed=seed * 1_000_003 + i).convert("RGB"))
+        arr[i] = np.asarray(draw(it.spec, size=resolution, seed=seed * 1_000_003 + i).convert("RGB"))
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return RenderedData(images, [it.prompt for it in items])
 
@@ -129,3 +136,71 @@ def sample_grid(pipe, prompts: list[str], seed: int = 0, **overrides) -> Image.I
     gen = torch.Generator().manual_seed(seed)
     images = pipe(prompts, generator=gen, **call_kwargs(pipe, **overrides)).images
     return image_grid(images, cols=min(8, len(images)), pad=2)
+
+
+STATE_DIR = "state"
+_STATE_FILE = "training_state.pt"
+_STEP_FILE = "step.json"
+
+
+def save_training_state(out_dir, modules: dict, *, ema, optimizer, scheduler, generator: torch.Generator,
+                        step: int, extra: dict) -> None:
+    """Write a resumable training state to ``<out_dir>/state/``, atomically (temp folder + rename).
+
+    Module weights go to one safetensors file each; optimizer, scheduler, EMA and the data
+    generator's state to a file that ``torch.load(weights_only=True)`` reads (tensors, numbers and
+    lists only: no pickled objects); the step and ``extra`` (e.g. the running loss) to JSON. A kill
+    during the write leaves the previous state whole.
+    """
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+
+    out_dir = Path(out_dir)
+    tmp = out_dir / (STATE_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, m in modules.items():
+        save_model(m, str(tmp / f"{name}.safetensors"))  # handles tied weights (T5's shared embedding)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema.state_dict(),
+                "generator": generator.get_state()}, tmp / _STATE_FILE)
+    (tmp / _STEP_FILE).write_text(json.dumps({"step": step, **extra}))
+    final = out_dir / STATE_DIR
+    old = out_dir / (STATE_DIR + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(out_dir, modules: dict, *, ema, optimizer, scheduler, generator: torch.Generator) -> dict | None:
+    """Restore what :func:`save_training_state` wrote; returns its JSON (``step`` + extra) or None when
+    there is no state. A state folder missing a file raises ``RuntimeError`` saying how to start over."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_model
+
+    root = Path(out_dir)
+    final = root / STATE_DIR
+    if not final.exists() and (root / (STATE_DIR + ".old")).exists():  # killed between the two renames
+        final = root / (STATE_DIR + ".old")
+    if not final.exists():
+        return None
+    try:
+        for name, m in modules.items():
+            load_model(m, str(final / f"{name}.safetensors"))
+        blob = torch.load(final / _STATE_FILE, weights_only=True)
+        info = json.loads((final / _STEP_FILE).read_text())
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        raise RuntimeError(f"the training state in {final} is incomplete or corrupt ({e}); delete it or pass "
+                           "--no-resume to start over") from None
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    ema.load_state_dict(blob["ema"])
+    generator.set_state(blob["generator"])
+    return info

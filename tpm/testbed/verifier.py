@@ -6,8 +6,14 @@ Pipeline, per image:
    so each pixel is matched to the *segment* from the background to each palette colour, not to
    the colour itself: it belongs to colour c when its best segment is c's, it lies less than
    ``max_residual`` (0-255 units) from it, and it is at least ``min_alpha`` of the way from the
-   background to c. Everything else is background. The background is the median of the border
-   pixels when that is close to the nominal one (generated backgrounds drift a little).
+   background to c. Everything else is background. With ``background="border"`` (the plain
+   16-token domain) the background is one colour: the median of the border pixels when that is
+   close to the nominal one (generated backgrounds drift a little). With ``background="local"``
+   (the spatial domain, whose backgrounds have gradients, a horizon and texture) it is estimated
+   per pixel: background tones are muted (chroma at most :data:`tpm.testbed.background.MAX_CHROMA`)
+   while every object colour is saturated, so the low-chroma pixels are taken as background and
+   spread under the objects by normalised Gaussian smoothing (a narrow kernel, then a wide one
+   where the narrow one sees no background, e.g. inside a large object).
 2. **Objects.** Connected components (4-neighbourhood) of each colour; components smaller than
    ``min_area`` of the image are specks and dropped; holes are filled.
 3. **Shapes**, from the component's soft coverage (its pixels' fractions of colour, rim
@@ -29,6 +35,7 @@ Written by hand (with scipy.ndimage for labelling) because the checks are this d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +67,7 @@ class Detection:
     center: tuple[float, float]  # (x, y) as fractions of the image width / height
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end exclusive
     fit: float  # IoU of the mask with the chosen shape ideal in its bounding box
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W) bool, holes filled
 
 
 @dataclass
@@ -100,13 +108,18 @@ def to_array(image) -> np.ndarray:
 class Verifier:
     """Checks images against testbed prompts; see the module docstring for the method.
 
-    ``size``: resize images to ``size`` x ``size`` first (None keeps each image's own size).
+    ``size``: resize images to ``size`` x ``size`` first (None keeps each image's own size);
+    ``background``: ``"border"`` (one background colour) or ``"local"`` (per-pixel estimate, for
+    backgrounds with content); :meth:`for_domain` picks it and the speck size for a testbed domain.
     """
+
+    BACKGROUND_MODES = ("border", "local")
 
     def __init__(
         self,
         size: int | None = None,
         *,
+        background: str = "border",
         max_residual: float = 60.0,
         min_alpha: float = 0.5,
         min_area: float = 0.004,
@@ -118,13 +131,26 @@ class Verifier:
             raise DomainError(f"verifier size must be >= {MIN_SIZE} px, got {size}")
         if not 0 < min_alpha <= 1:
             raise DomainError(f"min_alpha must be in (0, 1], got {min_alpha}")
+        if background not in self.BACKGROUND_MODES:
+            raise DomainError(f"background must be one of {list(self.BACKGROUND_MODES)}, got {background!r}")
         self.size = size
+        self.background = background
         self.max_residual = max_residual
         self.min_alpha = min_alpha
         self.min_area = min_area
         self.min_fit = min_fit
         self.max_aspect = max_aspect
         self.relation_margin = relation_margin
+
+    @classmethod
+    def for_domain(cls, domain: str = "shapes", **kwargs) -> Verifier:
+        """The verifier for a testbed domain: ``"shapes"`` (plain background) or ``"spatial"``
+        (per-pixel background; specks below 1.2 % of the image, a third of the smallest object)."""
+        if domain == "spatial":
+            return cls(**{"background": "local", "min_area": 0.012, **kwargs})
+        if domain != "shapes":
+            raise DomainError(f"unknown testbed domain {domain!r}; use 'shapes' or 'spatial'")
+        return cls(**kwargs)
 
     # -- pixels -> detections ------------------------------------------------------------------
     def _pixels(self, image) -> np.ndarray:
@@ -142,14 +168,38 @@ class Verifier:
         nominal = np.array(BACKGROUND, np.float32)
         return est if np.linalg.norm(est - nominal) < 60 else nominal
 
+    def local_background(self, arr: np.ndarray) -> np.ndarray:
+        """(H, W, 3) per-pixel background estimate of a (H, W, 3) 0-255 image (``background="local"``)."""
+        from tpm.testbed.background import MAX_CHROMA
+
+        chroma = arr.max(2) - arr.min(2)
+        weight = (chroma <= MAX_CHROMA + 12).astype(np.float32)
+        if weight.sum() == 0:
+            return np.broadcast_to(np.array(BACKGROUND, np.float32), arr.shape).copy()
+        h, w = chroma.shape
+        est = np.zeros_like(arr)
+        have = np.zeros((h, w), bool)
+        for sigma in (0.06 * max(h, w), 0.2 * max(h, w)):
+            num = np.stack([ndimage.gaussian_filter(arr[..., c] * weight, sigma, mode="nearest") for c in range(3)], -1)
+            den = ndimage.gaussian_filter(weight, sigma, mode="nearest")
+            ok = (den > 0.05) & ~have
+            est[ok] = num[ok] / den[ok, None]
+            have |= ok
+        if not have.all():
+            est[~have] = np.median(arr[weight > 0], axis=0)
+        return est
+
     def _classify(self, image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per pixel: best colour index (H, W), its coverage in [0, 1] (H, W) and the label map."""
         arr = self._pixels(image)
-        bg = self._background(arr)
-        p = (arr - bg).reshape(-1, 3)
-        d = _PALETTE - bg  # (C, 3): directions from the background to each colour
-        alpha = np.clip(p @ d.T / (d * d).sum(1), 0.0, 1.5)  # (N, C); > 1: more saturated than the palette
-        resid = np.linalg.norm(p[:, None, :] - alpha[..., None] * d[None], axis=2)
+        if self.background == "local":
+            bg = self.local_background(arr).reshape(-1, 1, 3)
+        else:
+            bg = self._background(arr)[None, None, :]
+        p = arr.reshape(-1, 1, 3) - bg  # (N, 1, 3)
+        d = _PALETTE[None] - bg  # (N or 1, C, 3): directions from the background to each colour
+        alpha = np.clip((p * d).sum(2) / (d * d).sum(2), 0.0, 1.5)  # (N, C); > 1: more saturated than the palette
+        resid = np.linalg.norm(p - alpha[..., None] * d, axis=2)
         best = resid.argmin(1)
         idx = np.arange(len(p))
         a, r = alpha[idx, best], resid[idx, best]
@@ -188,7 +238,10 @@ class Verifier:
                 rim = ndimage.binary_dilation(body) & (best[big] == k - 1)
                 soft = np.where(rim, cover[big], 0.0)
                 soft[body] = np.maximum(soft[body], self.min_alpha)
-                out.append(self._describe(mask, soft, sl, color, area, h, w))
+                det = self._describe(mask, soft, sl, color, area, h, w)
+                full = np.zeros((h, w), bool)
+                full[sl] = mask
+                out.append(dataclasses.replace(det, mask=full))
         return out
 
     def _describe(self, mask: np.ndarray, soft: np.ndarray, sl, color: str, area: int, h: int, w: int) -> Detection:
