@@ -3,7 +3,9 @@
 ``policies.load(name_or_path, **options)`` builds a registered policy by name (e.g.
 ``"synchronous"``, ``"asyndm"``, ``"asyndm:piecewise_linear"``) or restores an exported one
 from a directory holding ``config.json`` (+ ``model.safetensors``) or from a Hub repo id
-(``"org/name"``, through huggingface_hub's cache).
+(``"org/name"``, through huggingface_hub's cache). A folder written by ``tpm export-scheduler``
+(``scheduler_config.json``) loads as the state-free policy that replays its table
+(:class:`tpm.schedulers.ScheduleTable`).
 """
 
 from __future__ import annotations
@@ -94,6 +96,14 @@ def load(name_or_path: str | os.PathLike, *, revision: str | None = None, token:
 
 
 def _from_folder(path: str, options: dict) -> Policy:
+    from tpm.schedulers import is_scheduler_folder, table_policy
+
+    if not os.path.isfile(os.path.join(path, "config.json")) and is_scheduler_folder(path):
+        # An exported schedule (tpm export-scheduler): replayed as a state-free policy, so that
+        # tpm compare / tpm sample run it next to policies.
+        if options:
+            raise PolicyError("options cannot be combined with an exported schedule folder")
+        return table_policy(path)
     cfg = read_policy_config(path)
     cls = registered_policies().get(cfg["policy"])
     if cls is None:
