@@ -2,7 +2,7 @@
 
 Every pipeline here is a tiny stock diffusers pipeline built from config with a non-default
 time set-up (Flux with its own dynamic-shift parameters, Flux with a fixed shift, SD3 and SD3.5
-with shifts other than SD3's 3.0, SD with DDIM "trailing", Euler and DDPM). For each state-free
+with shifts other than SD3's 3.0, SD with DDIM "trailing", Euler and DDPM, SDXL with Euler). For each state-free
 policy, ``pipe(...)`` with the exported scheduler must equal ``tpm.sample(pipe, ..., policy=...)``
 from the same generator (to 1e-5 of the latents' scale) and differ from the stock scheduler.
 """
@@ -28,7 +28,7 @@ from tpm.schedulers import (
     to_scheduler,
     trace_policy,
 )
-from tpm.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from tpm.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPTS = ["a red circle left of a blue square", "two dogs riding a bike on the beach"]
 SIZE = {"height": 32, "width": 32}
@@ -47,6 +47,7 @@ PIPES = {
     "sd_ddim": (tiny_sd_pipeline, {"scheduler": "ddim"}),
     "sd_euler": (tiny_sd_pipeline, {"scheduler": "euler"}),
     "sd_ddpm": (tiny_sd_pipeline, {"scheduler": "ddpm"}),
+    "sdxl_euler": (tiny_sdxl_pipeline, {"scheduler": "euler"}),
 }
 _CACHE: dict = {}
 
@@ -65,7 +66,8 @@ def pipeline(name):
 
 def _call_kwargs(pipe) -> dict:
     # The tiny pipelines' short text length reaches tpm.sample through tpm_defaults, not pipe(...).
-    return {} if type(pipe).__name__ == "StableDiffusionPipeline" else {"max_sequence_length": 16}
+    return {} if "StableDiffusion" in type(pipe).__name__ and "3" not in type(pipe).__name__ else {
+        "max_sequence_length": 16}
 
 
 def constant_field(pipe, seed=0):
