@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from policies import concave as _concave
+from policies.compose import Compose, compose
 from policies.concave import Concave
 from policies.field import FieldPolicy
 from policies.masks import find_objects, mask_from_image
@@ -120,6 +121,6 @@ def _variant_options(base: str, variant: str) -> dict:
     return table[variant]
 
 
-__all__ = ["Concave", "ConstantDeviation", "FieldPolicy", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
-           "UncertaintyHead", "UncertaintyPatches", "VelocityScale", "available", "find_objects", "inpaint_policy",
+__all__ = ["Compose", "Concave", "ConstantDeviation", "FieldPolicy", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
+           "UncertaintyHead", "UncertaintyPatches", "VelocityScale", "available", "compose", "find_objects", "inpaint_policy",
            "load", "mask_from_image", "outpaint_policy"]
