@@ -273,3 +273,13 @@ def test_state_dependent_policy_needs_prompts_and_is_distilled_to_its_mean_table
     assert held["prompts"] == 2 and held["cond_gap"]["max"] > 0
     assert held["table_minus_policy"]["low"] <= held["table_minus_policy"]["estimate"] <= held["table_minus_policy"]["high"]
     assert len(lines) == 1 and "table - policy" in lines[0]
+
+
+def test_distillation_benchmark_checks_the_stock_pipeline_against_the_table(load_benchmark, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    bench = load_benchmark("scheduler_distillation")
+    pipe = pipeline("flux_dynamic")
+    sched = to_scheduler(pipe, _noisy_tpm(pipe), K, prompts=PROMPTS, **SIZE)
+    assert bench.stock_vs_table(pipe, sched, table_policy(sched), PROMPTS, K, dict(SIZE)) <= TOL * 10
+    sched_other = to_scheduler(pipe, policies.load("shifted_grid:shift=3"), K, **SIZE)
+    assert bench.stock_vs_table(pipe, sched_other, table_policy(sched), PROMPTS, K, dict(SIZE)) > 1e-3
