@@ -66,6 +66,9 @@ def load(name_or_path: str | os.PathLike, *, revision: str | None = None, token:
         try:
             folder = resolve(key, revision=revision, token=token)
         except HubError as e:  # say both readings: a mistyped local path looks like a repo id
+            schedule = _hub_schedule(key, revision, token) if "no config.json" in str(e) else None
+            if schedule is not None:
+                return schedule
             raise PolicyError(f"no local folder {key!r}, and as a Hub repo id: {e}") from None
         try:
             return _from_folder(folder, options)
@@ -94,6 +97,17 @@ def load(name_or_path: str | os.PathLike, *, revision: str | None = None, token:
     opts.update(named)
     opts.update(options)
     return registered_policies()[reg](**opts)
+
+
+def _hub_schedule(repo_id: str, revision, token) -> Policy | None:
+    """A Hub repo holding an exported schedule (``tpm export-scheduler``) as its replaying policy, or None."""
+    from tpm.hub import HubError
+    from tpm.schedulers import ScheduleError, table_policy
+
+    try:
+        return table_policy(repo_id, revision=revision, token=token)
+    except (HubError, ScheduleError):
+        return None
 
 
 def _from_folder(path: str, options: dict) -> Policy:

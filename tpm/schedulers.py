@@ -344,7 +344,8 @@ def _folder(path, revision=None, token=None) -> str:
         return key
     if is_repo_id(key):
         try:
-            return resolve(key, revision=revision, token=token)
+            return resolve(key, revision=revision, token=token, files=(SCHEDULER_CONFIG_NAME, CARD_NAME),
+                           kind="tpm schedule")
         except HubError as e:
             raise ScheduleError(f"no local folder {key!r}, and as a Hub repo id: {e}") from None
     raise ScheduleError(f"scheduler folder {key!r} does not exist")
@@ -417,11 +418,12 @@ class ScheduleTable(Policy):
         return Action(tau_next=nxt, tau_cond=cond)
 
 
-def table_policy(scheduler_or_path) -> ScheduleTable:
-    """The exported schedule (a scheduler object, a folder or a Hub repo id) as a :class:`ScheduleTable`."""
+def table_policy(scheduler_or_path, **hub) -> ScheduleTable:
+    """The exported schedule (a scheduler object, a folder or a Hub repo id; ``hub``: ``revision``,
+    ``token``) as a :class:`ScheduleTable`."""
     sched = scheduler_or_path
     if not isinstance(sched, _TableScheduler):
-        sched = from_pretrained(sched)
+        sched = from_pretrained(sched, **hub)
     cfg = sched.config
     if isinstance(sched, FlowMatchTableScheduler):
         return ScheduleTable(taus=list(cfg.sigmas), cond_taus=list(cfg.cond_sigmas), pipeline=cfg.pipeline)

@@ -30,6 +30,8 @@ from tpm.schedulers import (
 )
 from tpm.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
+from .test_hub import populate_cache
+
 PROMPTS = ["a red circle left of a blue square", "two dogs riding a bike on the beach"]
 SIZE = {"height": 32, "width": 32}
 TOL = 1e-5
@@ -283,3 +285,29 @@ def test_distillation_benchmark_checks_the_stock_pipeline_against_the_table(load
     assert bench.stock_vs_table(pipe, sched, table_policy(sched), PROMPTS, K, dict(SIZE)) <= TOL * 10
     sched_other = to_scheduler(pipe, policies.load("shifted_grid:shift=3"), K, **SIZE)
     assert bench.stock_vs_table(pipe, sched_other, table_policy(sched), PROMPTS, K, dict(SIZE)) > 1e-3
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty HF cache with the Hub switched off (as in test_hub.py)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hub_repo_of_an_exported_schedule(tmp_path, offline_cache):
+    pipe = pipeline("flux_shift")
+    folder = tmp_path / "export"
+    to_scheduler(pipe, policies.load("constant_deviation:r=0.3"), K, **SIZE).save_pretrained(folder)
+    populate_cache(offline_cache, "org/sched", folder, "c" * 40)
+    sched = from_pretrained("org/sched")
+    assert isinstance(sched, FlowMatchTableScheduler) and len(sched.config.timesteps) == K
+    assert isinstance(policies.load("org/sched"), ScheduleTable)  # tpm compare / sample take it too
+    with pytest.raises(ScheduleError, match="not in the local HF cache"):
+        from_pretrained("org/missing")
