@@ -202,6 +202,11 @@ class FlowMatchTableScheduler(_TableScheduler):
         raise ScheduleError(f"this scheduler was exported for {self.config.pipeline}; a UNet pipeline "
                             "(StableDiffusionPipeline) needs one exported from it: tpm.to_scheduler(pipe, policy, K)")
 
+    def scale_noise(self, sample, timestep, noise=None):
+        # Image-to-image pipelines start part-way down the grid; a tpm schedule starts from noise.
+        raise ScheduleError("a tpm schedule runs from pure noise; image-to-image / inpainting pipelines "
+                            f"(partial schedules) are not supported; use {self.config.pipeline}")
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
         """``x + (sigmas[i+1] - sigmas[i]) * v`` in float32, cast back (``FlowMatchEulerDiscreteScheduler.step``)."""
         i = self._index()
