@@ -732,15 +732,18 @@ def scheduler_card(sched: _TableScheduler) -> str:
     told = list(cfg.cond_sigmas) if flow else list(cfg.cond_taus)
     k = len(told)
     cls = type(sched).__name__
+    dynamic = flow and cfg.mu is not None
+    w, _, h = str(info.get("size", "")).partition("x")
+    size_args = f", height={h}, width={w}" if dynamic and h else ""
     lines = ["---", "library_name: diffusers", "tags:", "- tpm", "- scheduler", "- timestep-policy", "---", "",
              f"# A `tpm` schedule for `{cfg.pipeline}` ({k} steps)", "",
              f"Exported by `tpm` from the policy `{info.get('source', '?')}` on model `{info.get('model', '?')}` at "
              f"{info.get('size', '?')} pixels. It is a diffusers scheduler (`{cls}`): the unchanged pipeline runs it.",
              "", "```python", "import tpm.schedulers",
              "pipe.scheduler = tpm.schedulers.from_pretrained(DIR)   # this folder (or its Hub repo id)",
-             f"image = pipe(prompt, num_inference_steps={k}).images[0]", "```", "",
-             "Another step count, another pipeline family"
-             + (", or (dynamic shifting) another image size" if flow and cfg.mu is not None else "")
+             f"image = pipe(prompt, num_inference_steps={k}{size_args}).images[0]", "```", "",
+             "Another step count or pipeline family"
+             + (", or another image size (this schedule includes the dynamic shift of its size)" if dynamic else "")
              + " raises an error instead of running a different schedule.", "",
              "## How it was made", "", f"- {info.get('method', 'unknown')}."]
     if info.get("train_spread"):
