@@ -567,7 +567,9 @@ def to_scheduler(pipe, policy: Policy, num_inference_steps: int, *, prompts=None
     After ``pipe.scheduler = to_scheduler(pipe, policy, K)``, ``pipe(prompt, num_inference_steps=K,
     height=..., width=...)`` reproduces ``tpm.sample(pipe, prompt, policy=policy, num_inference_steps=K,
     ...)`` (fp32, to float rounding). ``height`` / ``width`` matter only under dynamic shifting (Flux):
-    the schedule is made for, and checked against, that image size.
+    the schedule is made for, and checked against, that image size. ``guidance_scale`` (default: the
+    pipeline's) is applied as the pipeline takes it (``Backbone.sample_kwargs``); other keywords go
+    to ``tpm.sample``.
 
     State-free policies (synchronous, shifted_grid, dm_concave, constant_deviation, a field policy
     whose action does not depend on the state) are exported exactly: they are run on two probe
@@ -593,9 +595,11 @@ def to_scheduler(pipe, policy: Policy, num_inference_steps: int, *, prompts=None
     if k < 1:
         raise ScheduleError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     height, width = backbone.resolve_size(height, width)
-    run = dict(height=height, width=width, batch_size=batch_size, **sample_kwargs)
-    if guidance_scale is not None:
-        run.update(backbone.sample_kwargs(guidance_scale))
+    # CFG as the pipeline's plain call applies it (true CFG for a Flux without guidance embedding);
+    # an explicit guidance_scale wins over CFG keywords in sample_kwargs, which win over the default.
+    cfg_kwargs = backbone.sample_kwargs(guidance_scale)
+    run = {"height": height, "width": width, "batch_size": batch_size,
+           **({**cfg_kwargs, **sample_kwargs} if guidance_scale is None else {**sample_kwargs, **cfg_kwargs})}
     label = _policy_label(policy)
     probe = trace_policy(pipe, policy, k, PROBE_PROMPTS, seeds=(0, 1), **run)
     _refuse_per_token(probe, label)
