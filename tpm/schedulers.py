@@ -591,6 +591,13 @@ def to_scheduler(pipe, policy: Policy, num_inference_steps: int, *, prompts=None
     family = backbone.pipeline_class_name
     if family not in FLOW_PIPELINES + UNET_PIPELINES:
         raise ScheduleError(f"no scheduler export for {family}; supported: {', '.join(FLOW_PIPELINES + UNET_PIPELINES)}")
+    if family in UNET_PIPELINES:
+        from tpm.backbones.discrete import SchedulerError, scheduler_kind
+
+        try:  # multistep / higher-order updates have no table form (and no per-pixel one: tpm.sample refuses them)
+            scheduler_kind(pipe.scheduler)
+        except SchedulerError as e:
+            raise ScheduleError(f"cannot export a schedule from this pipeline's scheduler: {e}") from None
     k = int(num_inference_steps)
     if k < 1:
         raise ScheduleError(f"num_inference_steps must be >= 1, got {num_inference_steps}")

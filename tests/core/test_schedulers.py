@@ -245,6 +245,12 @@ def test_per_token_fields_and_known_regions_are_refused():
         to_scheduler(pipe, inpaint, K, **SIZE)
 
 
+def test_multistep_unet_scheduler_cannot_be_a_source():
+    pipe = tiny_sd_pipeline(scheduler="pndm")
+    with pytest.raises(ScheduleError, match="PNDMScheduler cannot be applied.*DDIMScheduler"):
+        to_scheduler(pipe, policies.load("shifted_grid:shift=2.5"), K, **SIZE)
+
+
 def _noisy_tpm(pipe):
     pol = policies.TPM.for_pipeline(pipe, width=16, layers=1, heads=2, image_grid=2, init_scale=3.0)
     return pol.eval()
