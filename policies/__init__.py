@@ -3,7 +3,9 @@
 ``policies.load(name_or_path, **options)`` builds a registered policy by name (e.g.
 ``"synchronous"``, ``"asyndm"``, ``"asyndm:piecewise_linear"``) or restores an exported one
 from a directory holding ``config.json`` (+ ``model.safetensors``) or from a Hub repo id
-(``"org/name"``, through huggingface_hub's cache).
+(``"org/name"``, through huggingface_hub's cache). A folder written by ``tpm export-scheduler``
+(``scheduler_config.json``) loads as the state-free policy that replays its table
+(:class:`tpm.schedulers.ScheduleTable`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 
 from policies import concave as _concave
+from policies.compose import Compose, compose
 from policies.concave import Concave
 from policies.field import FieldPolicy
 from policies.masks import find_objects, mask_from_image
@@ -63,6 +66,9 @@ def load(name_or_path: str | os.PathLike, *, revision: str | None = None, token:
         try:
             folder = resolve(key, revision=revision, token=token)
         except HubError as e:  # say both readings: a mistyped local path looks like a repo id
+            schedule = _hub_schedule(key, revision, token) if "no config.json" in str(e) else None
+            if schedule is not None:
+                return schedule
             raise PolicyError(f"no local folder {key!r}, and as a Hub repo id: {e}") from None
         try:
             return _from_folder(folder, options)
@@ -93,7 +99,26 @@ def load(name_or_path: str | os.PathLike, *, revision: str | None = None, token:
     return registered_policies()[reg](**opts)
 
 
+def _hub_schedule(repo_id: str, revision, token) -> Policy | None:
+    """A Hub repo holding an exported schedule (``tpm export-scheduler``) as its replaying policy, or None."""
+    from tpm.hub import HubError
+    from tpm.schedulers import ScheduleError, table_policy
+
+    try:
+        return table_policy(repo_id, revision=revision, token=token)
+    except (HubError, ScheduleError):
+        return None
+
+
 def _from_folder(path: str, options: dict) -> Policy:
+    from tpm.schedulers import is_scheduler_folder, table_policy
+
+    if not os.path.isfile(os.path.join(path, "config.json")) and is_scheduler_folder(path):
+        # An exported schedule (tpm export-scheduler): replayed as a state-free policy, so that
+        # tpm compare / tpm sample run it next to policies.
+        if options:
+            raise PolicyError("options cannot be combined with an exported schedule folder")
+        return table_policy(path)
     cfg = read_policy_config(path)
     cls = registered_policies().get(cfg["policy"])
     if cls is None:
@@ -110,6 +135,6 @@ def _variant_options(base: str, variant: str) -> dict:
     return table[variant]
 
 
-__all__ = ["Concave", "ConstantDeviation", "FieldPolicy", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
-           "UncertaintyHead", "UncertaintyPatches", "VelocityScale", "available", "find_objects", "inpaint_policy",
+__all__ = ["Compose", "Concave", "ConstantDeviation", "FieldPolicy", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
+           "UncertaintyHead", "UncertaintyPatches", "VelocityScale", "available", "compose", "find_objects", "inpaint_policy",
            "load", "mask_from_image", "outpaint_policy"]

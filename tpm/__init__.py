@@ -11,7 +11,7 @@ from tpm.sampler import SampleOutput, StepOutput, Trajectory, sample
 
 __version__ = "0.1.0"
 __all__ = ["Action", "Policy", "PolicyError", "SampleOutput", "State", "StepOutput", "Trajectory", "compare",
-           "sample"]
+           "sample", "to_scheduler"]
 
 
 def compare(*args, **kwargs):
@@ -23,3 +23,23 @@ def compare(*args, **kwargs):
     from tpm.cli import compare as _compare
 
     return _compare(*args, **kwargs)
+
+
+def to_scheduler(pipe, policy, num_inference_steps, **kwargs):
+    """``policy`` as a diffusers scheduler for ``pipe``: ``pipe.scheduler = tpm.to_scheduler(pipe, policy, K)``
+    makes ``pipe(prompt, num_inference_steps=K)`` reproduce ``tpm.sample`` with the policy.
+
+    See :func:`tpm.schedulers.to_scheduler` (imported on first use: it loads diffusers' scheduler classes).
+    """
+    from tpm.schedulers import to_scheduler as _to_scheduler
+
+    return _to_scheduler(pipe, policy, num_inference_steps, **kwargs)
+
+
+def __getattr__(name):
+    # ``tpm.schedulers`` without importing it first (``pipe.scheduler = tpm.schedulers.from_pretrained(DIR)``).
+    if name == "schedulers":
+        import importlib
+
+        return importlib.import_module("tpm.schedulers")
+    raise AttributeError(f"module 'tpm' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm train``, ``tpm reward-serve``) and :func:`compare`.
+"""``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm export-scheduler``, ``tpm train``,
+``tpm reward-serve``) and :func:`compare`.
 
 This is the one module of ``tpm`` that imports ``policies`` and ``rewards`` (they import ``tpm``,
 so the core cannot): it turns policy and reward names into objects, for the commands and for
@@ -316,6 +317,46 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export_scheduler(args) -> int:
+    """``tpm export-scheduler``: a policy as a diffusers scheduler folder (``tpm.schedulers``)."""
+    import policies
+    from tpm.schedulers import to_scheduler
+
+    if args.test_prompts and not args.prompts:
+        raise CLIError("--test-prompts measures a distillation; give the prompt set to distil over with --prompts")
+    policy = policies.load(args.policy)
+    policy.source_label = args.policy  # the name the card shows
+    model = args.model or default_model()
+    pipe = load_model(model, device=args.device, lora=args.lora)
+    n = None if args.num_prompts == 0 else args.num_prompts
+    prompts = load_prompts(args.prompts, n, args.prompt_seed) if args.prompts else None
+    test_set = args.test_prompts
+    if test_set is None and args.prompts and is_testbed_prompt_set(args.prompts):
+        test_set = "testbed:test"  # the testbed's held-out split
+    test = load_prompts(test_set, n, args.prompt_seed) if test_set and prompts is not None else None
+    reward = None
+    if test is not None:
+        specs = args.rewards or ("testbed" if is_testbed_prompt_set(test_set) else None)
+        if specs:
+            rew = resolve_rewards(specs, is_testbed_prompt_set(test_set))
+            if len(rew) != 1:
+                raise CLIError("--rewards takes one reward for the held-out measurement")
+            reward = next(iter(rew.values()))
+    if model.startswith("tiny:") and args.height is None and args.width is None:
+        args.height = args.width = 32  # random tiny models: keep the run small
+    seeds = tuple(range(args.seeds))
+    sched = to_scheduler(pipe, policy, args.steps, prompts=prompts, seeds=seeds, test_prompts=test, test_seeds=seeds,
+                         reward=reward, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+                         report=lambda line: print(line, file=sys.stderr))
+    info = dict(sched.config.export_info)
+    info.update(model=model, prompts=args.prompts, test_prompts=test_set if test is not None else None)
+    sched.register_to_config(export_info=info)
+    sched.save_pretrained(args.out)
+    print(json.dumps({"out": args.out, "scheduler": type(sched).__name__, "method": info["method"],
+                      "heldout": info.get("heldout")}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpm", description="Timestep policies for diffusion and flow models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -346,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the known region is re-noised to for input guidance, in (0, 1]")
     c = sub.add_parser("compare", help="compare policies on a prompt set with the same seeds (table, grid, plots)")
     c.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                   help="comma-separated policy names, exported directories or Hub repo ids; the first is the reference")
+                   help="comma-separated policy names, exported policy or scheduler (tpm export-scheduler) "
+                        "directories, or Hub repo ids; the first is the reference")
     c.add_argument("--prompts", default=DEFAULT_PROMPTS,
                    help="prompt set name (testbed:val, animal-activity, drawbench=FILE_OR_ID, ...), a file or a hub id")
     c.add_argument("--rewards", default=None,
@@ -374,6 +416,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="discard the cache in --out instead of resuming")
     c.add_argument("--add-to-card", action="append", metavar="POLICY_DIR",
                    help="put summary.md into this exported policy folder's README.md card (repeat for several)")
+    e = sub.add_parser("export-scheduler", help="export a policy as a diffusers scheduler folder for the unchanged "
+                       "pipeline (pipe.scheduler = tpm.schedulers.from_pretrained(DIR))")
+    e.add_argument("policy", help="policy name, exported policy directory or Hub repo id org/name[@rev]")
+    e.add_argument("--model", default=None, help="as for `tpm sample`; default: the testbed Flux")
+    e.add_argument("--lora", action="append", default=None, help="LoRA adapter, as for `tpm sample`")
+    e.add_argument("--steps", type=int, required=True, help="num_inference_steps the scheduler is made for")
+    e.add_argument("--out", required=True, help="folder to write (scheduler_config.json + README.md)")
+    e.add_argument("--prompts", default=None,
+                   help="state-dependent policies: prompt set whose mean table is exported (e.g. testbed:train)")
+    e.add_argument("--test-prompts", default=None,
+                   help="held-out prompt set the distillation is measured on (default for testbed sets: testbed:test)")
+    e.add_argument("--rewards", default=None, help="reward for the held-out measurement (default: testbed verifier "
+                   "for testbed prompts; without one only the schedule gap is measured)")
+    e.add_argument("--num-prompts", type=int, default=64, help="seeded subset of each prompt set (0 = all)")
+    e.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt subsets")
+    e.add_argument("--seeds", type=int, default=1, help="noise seeds per prompt (0..n-1)")
+    e.add_argument("--guidance-scale", type=float, default=None, help="CFG strength (pipeline default)")
+    e.add_argument("--height", type=int, default=None, help="image height (matters under dynamic shifting)")
+    e.add_argument("--width", type=int, default=None)
+    e.add_argument("--device", default=None)
     sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
                    "accelerate launch -m tpm.train)")
     # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
@@ -400,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "export-scheduler":
+            return cmd_export_scheduler(args)
         return cmd_sample(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

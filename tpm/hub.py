@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 #: what a policy folder holds (the weights only when the policy has some)
@@ -46,11 +47,15 @@ def is_repo_id(spec: str | os.PathLike) -> bool:
 
 
 def resolve(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
-            cache_dir: str | os.PathLike | None = None) -> str:
+            cache_dir: str | os.PathLike | None = None, files: Sequence[str] = POLICY_FILES,
+            kind: str = "policy") -> str:
     """The local snapshot folder of Hub repo ``repo_id`` at ``revision`` (a branch, tag or commit;
     default ``main``), downloaded into the HF cache if needed; offline, read from the cache only.
 
-    ``repo_id`` may carry the revision as ``org/name@rev``. Raises :class:`HubError`.
+    ``repo_id`` may carry the revision as ``org/name@rev``. ``files`` are the files fetched, the first
+    of which must exist (a policy's ``config.json``; ``tpm.schedulers`` asks for
+    ``scheduler_config.json``); ``kind`` names what the repo should hold in messages. Raises
+    :class:`HubError`.
     """
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
@@ -69,12 +74,12 @@ def resolve(repo_id: str, *, revision: str | None = None, token: str | bool | No
     kw: dict[str, Any] = {"revision": revision, "token": token, "cache_dir": cache_dir}
     try:
         try:
-            hf_hub_download(repo_id, "config.json", **kw)
+            hf_hub_download(repo_id, files[0], **kw)
         except LocalEntryNotFoundError:
-            # Offline: a cached snapshot without config.json holds no policy; no snapshot re-raises.
+            # Offline: a cached snapshot without the marker file holds no policy; no snapshot re-raises.
             snapshot_download(repo_id, local_files_only=True, **kw)
-            raise EntryNotFoundError("config.json") from None
-        return snapshot_download(repo_id, allow_patterns=POLICY_FILES, **kw)
+            raise EntryNotFoundError(files[0]) from None
+        return snapshot_download(repo_id, allow_patterns=list(files), **kw)
     except RevisionNotFoundError:
         raise HubError(f"Hub repo {repo_id!r} has no revision {revision!r}; give a branch, tag or commit "
                        "it has (revision=... or org/name@rev)") from None
@@ -84,12 +89,12 @@ def resolve(repo_id: str, *, revision: str | None = None, token: str | bool | No
                        "path (./name)") from None
     except LocalEntryNotFoundError:
         # Not in the cache, and the Hub was not asked (HF_HUB_OFFLINE=1) or could not be reached.
-        raise HubError(f"policy {where} is not in the local HF cache ({cache_dir or _cache_dir()}) and the Hub "
+        raise HubError(f"{kind} {where} is not in the local HF cache ({cache_dir or _cache_dir()}) and the Hub "
                        "cannot be reached (offline); download it where the Hub is reachable "
-                       f"(`hf download {repo_id}`), or give a local policy folder") from None
+                       f"(`hf download {repo_id}`), or give a local {kind} folder") from None
     except EntryNotFoundError:
-        raise HubError(f"Hub repo {where} holds no policy: it has no config.json (export one with "
-                       "`policy.save_pretrained(dir)` or `policy.push_to_hub(repo_id)`)") from None
+        raise HubError(f"Hub repo {where} holds no {kind}: it has no {files[0]} (export one with "
+                       "`save_pretrained(dir)` or `push_to_hub(repo_id)`)") from None
     except HfHubHTTPError as e:
         first = (str(e).splitlines() or [""])[0][:200]
         raise HubError(f"could not read Hub repo {where} ({first}); check the repo id and your connection") from None
