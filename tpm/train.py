@@ -35,8 +35,10 @@ from tpm.typed_config import ConfigError
 
 
 # ---- building -------------------------------------------------------------------------------------
-def build_reward(cfg: RecipeConfig):
-    """A :class:`tpm.grpo.TrainingReward`: raw per-metric scores per process, combined on the gathered batch."""
+def build_reward(cfg: RecipeConfig, check: bool = True):
+    """A :class:`tpm.grpo.TrainingReward`: raw per-metric scores per process, combined on the gathered batch.
+    ``check``: ask every reward whether it can score (``RewardModel.check``: a reward server that is down is
+    reported now, before the model loads, not after the warm start)."""
     import rewards
     from rewards.composite import combine
     from tpm.grpo.reward import TrainingReward
@@ -48,6 +50,8 @@ def build_reward(cfg: RecipeConfig):
         raise GRPOConfigError(f"reward_options given for {unknown}, which have no weight in rewards")
     models = {name: rewards.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     weights = dict(cfg.rewards)
+    for model in models.values() if check else ():
+        model.check()
 
     def metrics(images, prompts):
         # raw_scores returns NaN instead of raising, so the trainer can skip that iteration.
@@ -168,6 +172,7 @@ def run(cfg: RecipeConfig) -> Any:
     reward = build_reward(cfg)
     acc = make_accelerator(g)
     try:  # the trackers and the process group are closed however the run ends
+        g.check_processes(acc.num_processes)
         error = [None]
         if acc.is_main_process:  # the run folder is this process's until the report is written
             try:

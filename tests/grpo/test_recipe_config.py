@@ -192,6 +192,24 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     assert "learning_rate: 0.0001" in capsys.readouterr().out
 
 
+def test_a_reward_server_that_is_down_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    import socket
+
+    from tpm.cli import main
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    options = f'{{"remote": {{"url": "http://127.0.0.1:{port}", "retries": 1}}}}'
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--rewards", "remote", "--reward-options", options, "--report-to", "none"])
+    message = str(info.value)
+    assert message.startswith(f"error: reward server http://127.0.0.1:{port} did not answer GET /health")
+    assert f"tpm reward-serve NAME --port {port}" in message and "\n" not in message
+    assert not (tmp_path / "outputs").exists()  # refused before the run folder or the model
+
+
 def test_report_to_goes_through_accelerate(tmp_path):
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
