@@ -221,6 +221,9 @@ def build_parser(description: str = "", preset: str = DEFAULT_PRESET, prog: str 
     p.add_argument("--config", help="YAML file of RecipeConfig keys and a 'grpo:' section, over the preset "
                                     "(or over the preset it names as 'base:')")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (processes, per-process batch, memory "
+                                                          "estimate per device, where rewards run) and exit; "
+                                                          "nothing loads")
     recipe, grpo = _flag_names()
     add_flags(p, RecipeConfig, _RECIPE, recipe, "run (RecipeConfig)")
     add_flags(p, GRPOConfig, _GRPO, grpo, "GRPO (GRPOConfig; also --grpo.FIELD)", consts={"resume": "latest"})

@@ -237,6 +237,25 @@ def run(cfg: RecipeConfig) -> Any:
     return result
 
 
+def dry_run(cfg: RecipeConfig) -> str:
+    """The plan of a run (:mod:`tpm.plan`), after the checks that need no model: the process count the
+    launcher set up against the batch, the image size, the names of policies and rewards."""
+    import torch
+
+    from tpm.grpo.trainer import check_launch, launched_processes
+    from tpm.plan import describe
+
+    check_launch()
+    processes = launched_processes()
+    cfg.grpo.check_processes(processes)
+    check_size(cfg)
+    for label, spec in cfg.baselines.items():
+        fixed_policy(spec, f"baselines[{label!r}]")
+    build_reward(cfg, check=False)
+    device = f"cuda ({torch.cuda.device_count()} visible)" if torch.cuda.is_available() else "cpu"
+    return describe(cfg, processes, device)
+
+
 def held_out_report(trainer, before, baselines: dict, cfg: RecipeConfig) -> dict[str, Any]:
     """Per-method held-out scores on the same prompts and noises, with paired differences."""
     from tpm.comparison.stats import paired_bootstrap
@@ -319,6 +338,9 @@ def main(argv: list[str] | None = None, defaults: str | None = None, description
         cfg = parse_args(argv, defaults, description=description, prog=prog)
         if "--print-config" in argv:
             print(config_yaml(cfg), end="")
+            return cfg
+        if "--dry-run" in argv:
+            print(dry_run(cfg))
             return cfg
         return run(cfg)
     except (ConfigError, PolicyError, RewardError, LoadError, BackboneError, FileNotFoundError) as e:  # user-fixable
