@@ -150,6 +150,27 @@ def check_resume(cfg: RecipeConfig) -> None:
                               "--accept-config-changes to continue with the new values, or restore them")
 
 
+def prompt_cache(cfg: RecipeConfig, pipe, prompts: list[str], acc) -> None:
+    """Encode every prompt of the run once (reading and writing ``prompt_cache_file``), attach the cache to
+    ``pipe`` and move its text encoders off the device (:mod:`tpm.prompt_cache`)."""
+    from tpm.prompt_cache import PromptCache
+
+    g = cfg.grpo
+    path = cfg.prompt_cache_file or os.path.join(g.output_dir, "prompt_cache.safetensors")
+    cache = PromptCache(pipe)
+    loaded = cache.load(path) if os.path.isfile(path) else 0
+    total = cache.fill(prompts, batch_size=g.rollout_batch_size, **g.sample_kwargs)
+    cache.attach()
+    moved = cache.free_encoders()
+    acc.wait_for_everyone()  # every process has read the file before the main one rewrites it
+    if acc.is_main_process:
+        if total > loaded:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            cache.save(path)
+        print(f"prompt cache: {total} prompt encodings ({loaded} read from {path}); "
+              f"{', '.join(moved)} moved off the device")
+
+
 def run_config(cfg: RecipeConfig) -> dict[str, Any]:
     """The recipe-level settings stored with every checkpoint (the GRPO ones are stored by the trainer)."""
     out = cfg.to_dict()
@@ -202,6 +223,8 @@ def run(cfg: RecipeConfig) -> Any:
             if not g.sample_kwargs:
                 g = dataclasses.replace(g, sample_kwargs=backbone.sample_kwargs())
             cfg = dataclasses.replace(cfg, grpo=g)
+            if cfg.prompt_cache:
+                prompt_cache(cfg, pipe, train + evals, acc)
             policy = build_policy(cfg, pipe, g.seed)
             if g.resume is None:
                 fit = warm_start(cfg, policy, pipe, quiet=not (g.progress and acc.is_main_process))

@@ -93,12 +93,12 @@ def launched(tmp_path_factory, testbed_flux):
     lib = tmp_path_factory.mktemp("lib")
     (lib / "brightness_reward.py").write_text(BRIGHTNESS)
 
-    def get(name, processes, script=None):
+    def get(name, processes, *extra, script=None):
         if name not in runs:
             tmp = tmp_path_factory.mktemp(name)
             out = tmp / "run"
             runs[name] = (_launch(tmp, testbed_flux, out, processes, "--rewards", "brightness_reward:brightness",
-                                  script=script, pythonpath=[lib]), out)
+                                  *extra, script=script, pythonpath=[lib]), out)
         return runs[name]
 
     return get
@@ -170,6 +170,16 @@ def test_two_processes_train_the_one_process_policy(launched, tmp_path):
     assert alone.returncode == 0, alone.stderr[-3000:]
     c = _weights(out3)
     assert max(float((a[k] - c[k]).abs().max()) for k in a) > 100 * max(diff, 1e-6)
+
+
+@pytest.mark.slow
+def test_prompt_cache_leaves_the_trained_policy_unchanged(launched):
+    (plain, out1), (cached, out2) = launched("p1", 1), launched("p1_cache", 1, "--prompt-cache")
+    assert plain.returncode == 0 and cached.returncode == 0, cached.stderr[-3000:]
+    assert "prompt cache: " in cached.stdout and "text_encoder_2 moved off the device" in cached.stdout
+    assert (out2 / "prompt_cache.safetensors").is_file()
+    a, b = _weights(out1), _weights(out2)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 
 CUSTOM_REWARD = """
