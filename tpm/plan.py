@@ -5,7 +5,8 @@ from its ``config.json`` (``accelerate.init_empty_weights``), the process count 
 launcher's environment. The memory figure per device is an estimate, by this formula:
 
 - **weights**: every backbone component (transformer, text encoders, VAE) stays on the device for the
-  whole run, ``parameters x bytes of dtype``;
+  whole run, ``parameters x bytes of dtype``; with ``prompt_cache`` the text encoders leave it once the
+  prompts are encoded (their peak before that is not shown);
 - **policy**: ``parameters x 16`` bytes (fp32 weights, gradient, two AdamW moments), plus 4 per
   parameter for the frozen reference when ``kl_coef > 0``; named, not counted (the policy's widths
   follow the loaded backbone; a few MB for the shipped policies);
@@ -135,7 +136,9 @@ def estimate(cfg, processes: int) -> dict[str, Any]:
     bytes_ = DTYPE_BYTES[cfg.dtype]
     b = min(g.rollout_batch_size, local) * (2 if (g.sample_kwargs.get("true_cfg_scale") or 0) > 1 else 1)
     t = geo["image_tokens"] + geo["text_tokens"]
-    memory = {"weights": sum(params.values()) * bytes_,
+    # with the prompt cache the text encoders leave the device once the prompts are encoded
+    on_device = {k: v for k, v in params.items() if not (cfg.prompt_cache and k.startswith("text_encoder"))}
+    memory = {"weights": sum(on_device.values()) * bytes_,
               "activations": b * t * geo["width_d"] * ACTIVATION_COPIES * bytes_
               + b * 3 * geo["height"] * geo["width"] * 4,
               "attention_scores": b * geo["heads"] * t * t * bytes_}
@@ -175,7 +178,10 @@ def describe(cfg, processes: int, device: str) -> str:
         lines.append(f"memory:      unknown: the config files of {cfg.model} are not readable here (a local folder, "
                      f"or a hub id in the HF cache: `hf download {cfg.model} --include '*.json'` fetches them)")
     else:
-        parts = ", ".join(f"{k} {_count(v)}" for k, v in p["params"].items())
+        parts = ", ".join(f"{k} {_count(v)}" for k, v in p["params"].items()
+                          if not (cfg.prompt_cache and k.startswith("text_encoder")))
+        if cfg.prompt_cache:
+            parts += "; text encoders off the device after the prompt cache is filled"
         total = mem["weights"] + mem["activations"]
         lines += [
             f"images:      {geo['height']}x{geo['width']}, {geo['image_tokens']} image + {geo['text_tokens']} text "

@@ -123,8 +123,6 @@ class PromptCache:
     def fill(self, prompts: list[str], batch_size: int = 16, **sample_kwargs) -> int:
         """Encode ``prompts`` (those not cached yet, ``batch_size`` at a time) as ``tpm.sample`` with
         ``sample_kwargs`` will ask for them; returns the number of entries."""
-        from tpm.sampler import encode_prompts
-
         attached = getattr(self.pipe, ATTR, None)
         setattr(self.pipe, ATTR, self)
         try:
@@ -193,3 +191,31 @@ class PromptCache:
 def cache_of(pipe) -> PromptCache | None:
     """The cache attached to ``pipe``, if any."""
     return getattr(pipe, ATTR, None)
+
+
+def conditioning(pipe, backbone, prompts: list[str], guidance_scale, negative_prompt, max_sequence_length,
+                 true_cfg_scale):
+    """The batch's conditioning as ``tpm.sample`` builds it: through the pipeline's cache when one is
+    attached, else from the text encoders."""
+    gscale = guidance_scale if guidance_scale is not None else backbone.call_default("guidance_scale")
+    if negative_prompt is not None:
+        negative_prompt = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negative_prompt) == 1 and len(prompts) > 1:
+            negative_prompt = negative_prompt * len(prompts)
+    kwargs = dict(negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
+                  true_cfg_scale=true_cfg_scale)
+    cache = cache_of(pipe)
+    if cache is None:
+        return backbone.encode(prompts, gscale, **kwargs)
+    return cache.encode(backbone, prompts, gscale, **kwargs)
+
+
+def encode_prompts(pipe, prompts: list[str], *, guidance_scale: float | None = None,
+                   negative_prompt: str | list[str] | None = None, true_cfg_scale: float = 1.0,
+                   max_sequence_length: int | None = None, **_ignored):
+    """The conditioning ``tpm.sample(pipe, prompts, **same_arguments)`` denoises with (arguments that do not
+    concern the prompts are ignored); fills an attached prompt cache."""
+    from tpm.backbones import get_backbone
+
+    return conditioning(pipe, get_backbone(pipe), list(prompts), guidance_scale, negative_prompt,
+                        max_sequence_length, true_cfg_scale)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from tpm.backbones import Backbone, Conditioning, get_backbone
 from tpm.policy import Action, Policy, PolicyError, RunContext, State, Synchronous
-from tpm.prompt_cache import cache_of
+from tpm.prompt_cache import conditioning
 
 
 @dataclass
@@ -272,31 +272,6 @@ def denoise(
 
 
 @torch.no_grad()
-def _encode(pipe, backbone: Backbone, prompts: list[str], guidance_scale, negative_prompt, max_sequence_length,
-            true_cfg_scale) -> Conditioning:
-    """The batch's conditioning as ``sample`` builds it: through the pipeline's prompt cache when one is
-    attached (:mod:`tpm.prompt_cache`), else from the text encoders."""
-    gscale = guidance_scale if guidance_scale is not None else backbone.call_default("guidance_scale")
-    if negative_prompt is not None:
-        negative_prompt = _as_list(negative_prompt)
-        if len(negative_prompt) == 1 and len(prompts) > 1:
-            negative_prompt = negative_prompt * len(prompts)
-    cache = cache_of(pipe)
-    kwargs = dict(negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
-                  true_cfg_scale=true_cfg_scale)
-    return backbone.encode(prompts, gscale, **kwargs) if cache is None else cache.encode(backbone, prompts, gscale,
-                                                                                         **kwargs)
-
-
-def encode_prompts(pipe, prompts: list[str], *, guidance_scale: float | None = None,
-                   negative_prompt: str | list[str] | None = None, true_cfg_scale: float = 1.0,
-                   max_sequence_length: int | None = None, **_ignored) -> Conditioning:
-    """The conditioning ``sample(pipe, prompts, **same_arguments)`` denoises with (arguments that do not
-    concern the prompts are ignored); fills an attached prompt cache."""
-    return _encode(pipe, get_backbone(pipe), _as_list(prompts), guidance_scale, negative_prompt,
-                   max_sequence_length, true_cfg_scale)
-
-
 def sample(
     pipe,
     prompt: str | list[str],
@@ -348,7 +323,7 @@ def sample(
     if steps is None or int(steps) < 1:
         raise PolicyError(f"num_inference_steps must be >= 1, got {steps}")
     height, width = backbone.resolve_size(height, width)
-    cond = _encode(pipe, backbone, prompts, guidance_scale, negative_prompt, max_sequence_length, true_cfg_scale)
+    cond = conditioning(pipe, backbone, prompts, guidance_scale, negative_prompt, max_sequence_length, true_cfg_scale)
     x = backbone.prepare_latents(len(prompts), height, width, generator, latents)
     sigmas, _ = backbone.set_timesteps(int(steps), x)
     x = backbone.start(x, sigmas)

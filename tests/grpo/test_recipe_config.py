@@ -77,7 +77,8 @@ def test_every_preset_resolves():
 
 
 def test_every_field_is_a_flag():
-    args = ["--model", "tiny:sd3", "--dtype", "bfloat16", "--lora", "some/lora", "--policy", "tpm",
+    args = ["--model", "tiny:sd3", "--dtype", "bfloat16", "--lora", "some/lora", "--prompt-cache", "yes",
+            "--prompt-cache-file", "pc.safetensors", "--policy", "tpm",
             "--policy-options", '{"width": 32, "heads": 2}', "--warm-start", "none", "--warm-start-prompts", "3",
             "--warm-start-iterations", "0", "--rewards", "testbed=0.25,clipscore=0.75",
             "--reward-options", "{clipscore: {device: cpu}}", "--train-prompts", "p.txt", "--eval-prompts", "q.txt",
@@ -95,6 +96,7 @@ def test_every_field_is_a_flag():
     cfg = parse_args(args)
     g = cfg.grpo
     assert (cfg.model, cfg.dtype, cfg.lora, cfg.policy) == ("tiny:sd3", "bfloat16", "some/lora", "tpm")
+    assert cfg.prompt_cache is True and cfg.prompt_cache_file == "pc.safetensors"
     assert cfg.policy_options == {"width": 32, "heads": 2} and cfg.warm_start is None
     assert (cfg.warm_start_prompts, cfg.warm_start_iterations, cfg.reference_steps) == (3, 0, 5)
     assert cfg.rewards == {"testbed": 0.25, "clipscore": 0.75} and cfg.reward_options == {"clipscore": {"device": "cpu"}}
