@@ -192,62 +192,59 @@ def run(cfg: RecipeConfig) -> Any:
     baselines = {label: fixed_policy(spec, f"baselines[{label!r}]") for label, spec in cfg.baselines.items()}
     reward = build_reward(cfg)
     acc = make_accelerator(g)
-    try:  # the trackers and the process group are closed however the run ends
-        g.check_processes(acc.num_processes)
-        error = [None]
-        if acc.is_main_process:  # the run folder is this process's until the report is written
-            try:
-                ckpt.acquire_lock(g.output_dir)
-                ckpt.recover(g.output_dir)
-                ckpt.check_output_dir(g)
-                if g.resume is not None:
-                    check_resume(cfg)
-            except ConfigError as e:
-                ckpt.release_lock(g.output_dir)
-                error = [str(e)]
-        if acc.num_processes > 1:
-            broadcast_object_list(error)
-        if error[0] is not None:
-            raise GRPOConfigError(error[0])
+    g.check_processes(acc.num_processes)
+    error = [None]
+    if acc.is_main_process:  # the run folder is this process's until the report is written
         try:
-            train = load_prompts(cfg.train_prompts, column=cfg.prompt_column, split=cfg.train_split)
-            evals = (load_prompts(cfg.eval_prompts, column=cfg.prompt_column, split=cfg.eval_split)[: g.eval_prompts]
-                     if g.eval_prompts else [])
-            lora = {"lora": cfg.lora} if cfg.lora is not None else {}
-            pipe = load_model(cfg.model, cfg.dtype, device=acc.device, **lora)
-            backbone = get_backbone(pipe)
-            try:
-                backbone.resolve_size(g.height, g.width)
-            except ValueError as e:
-                raise GRPOConfigError(f"grpo.height / grpo.width: {e}") from None
-            if not g.sample_kwargs:
-                g = dataclasses.replace(g, sample_kwargs=backbone.sample_kwargs())
-            cfg = dataclasses.replace(cfg, grpo=g)
-            if cfg.prompt_cache:
-                prompt_cache(cfg, pipe, train + evals, acc)
-            policy = build_policy(cfg, pipe, g.seed)
-            if g.resume is None:
-                fit = warm_start(cfg, policy, pipe, quiet=not (g.progress and acc.is_main_process))
-                if fit is not None and acc.is_main_process:
-                    print(f"warm start: imitated {cfg.warm_start} (squared error of the action parts: "
-                          + ", ".join(f"{k} {v:.2g}" for k, v in fit.items()) + ")")
-            before = copy.deepcopy(policy)
-            trainer = GRPOTrainer(g, policy, pipe, reward, train, evals, accelerator=acc, run_config=run_config(cfg))
-            result = trainer.train(end=False)  # the report below still evaluates across processes
+            ckpt.acquire_lock(g.output_dir)
+            ckpt.recover(g.output_dir)
+            ckpt.check_output_dir(g)
+            if g.resume is not None:
+                check_resume(cfg)
+        except ConfigError as e:
+            ckpt.release_lock(g.output_dir)
+            error = [str(e)]
+    if acc.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise GRPOConfigError(error[0])
+    try:
+        train = load_prompts(cfg.train_prompts, column=cfg.prompt_column, split=cfg.train_split)
+        evals = (load_prompts(cfg.eval_prompts, column=cfg.prompt_column, split=cfg.eval_split)[: g.eval_prompts]
+                 if g.eval_prompts else [])
+        lora = {"lora": cfg.lora} if cfg.lora is not None else {}
+        pipe = load_model(cfg.model, cfg.dtype, device=acc.device, **lora)
+        backbone = get_backbone(pipe)
+        try:
+            backbone.resolve_size(g.height, g.width)
+        except ValueError as e:
+            raise GRPOConfigError(f"grpo.height / grpo.width: {e}") from None
+        if not g.sample_kwargs:
+            g = dataclasses.replace(g, sample_kwargs=backbone.sample_kwargs())
+        cfg = dataclasses.replace(cfg, grpo=g)
+        if cfg.prompt_cache:
+            prompt_cache(cfg, pipe, train + evals, acc)
+        policy = build_policy(cfg, pipe, g.seed)
+        if g.resume is None:
+            fit = warm_start(cfg, policy, pipe, quiet=not (g.progress and acc.is_main_process))
+            if fit is not None and acc.is_main_process:
+                print(f"warm start: imitated {cfg.warm_start} (squared error of the action parts: "
+                      + ", ".join(f"{k} {v:.2g}" for k, v in fit.items()) + ")")
+        before = copy.deepcopy(policy)
+        trainer = GRPOTrainer(g, policy, pipe, reward, train, evals, accelerator=acc, run_config=run_config(cfg))
+        result = trainer.train(end=False)  # the report below still evaluates across processes
+        if acc.is_main_process:
+            with open(os.path.join(g.output_dir, "config.yaml"), "w") as f:  # rerun: --config OUTPUT/config.yaml
+                f.write(config_yaml(dataclasses.replace(cfg, grpo=dataclasses.replace(
+                    g, resume=None, overwrite=False, accept_config_changes=False))))
+        if evals:
+            report = held_out_report(trainer, before, baselines, cfg)
             if acc.is_main_process:
-                with open(os.path.join(g.output_dir, "config.yaml"), "w") as f:  # rerun: --config OUTPUT/config.yaml
-                    f.write(config_yaml(dataclasses.replace(cfg, grpo=dataclasses.replace(
-                        g, resume=None, overwrite=False, accept_config_changes=False))))
-            if evals:
-                report = held_out_report(trainer, before, baselines, cfg)
-                if acc.is_main_process:
-                    write_report(report, trainer, g.output_dir)
-            acc.wait_for_everyone()
-        finally:
-            if acc.is_main_process:
-                ckpt.release_lock(g.output_dir)
+                write_report(report, trainer, g.output_dir)
+        acc.end_training()  # the trackers and the process group (main() closes the group on errors)
     finally:
-        acc.end_training()
+        if acc.is_main_process:
+            ckpt.release_lock(g.output_dir)
     if acc.is_main_process:
         from tpm.model_card import write_run_cards  # README.md cards: backbone, reward, GRPO config, report
 
@@ -368,6 +365,16 @@ def main(argv: list[str] | None = None, defaults: str | None = None, description
         return run(cfg)
     except (ConfigError, PolicyError, RewardError, LoadError, BackboneError, FileNotFoundError) as e:  # user-fixable
         raise SystemExit(f"error: {e}") from None
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """A run that failed leaves its process group open, and a process that exits so aborts under torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # python -m tpm.train / accelerate launch -m tpm.train
