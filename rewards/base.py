@@ -139,6 +139,12 @@ class RewardModel(abc.ABC):
         self.batch_size = batch_size
         self._loaded = False
 
+    def check(self) -> None:
+        """A cheap check, at the start of a training run and before its model loads, that this reward can
+        score (a remote reward's server answers); raises :class:`RewardError` saying what to do. Loads
+        nothing heavy: the default does nothing."""
+        return None
+
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             self._load()

@@ -101,6 +101,10 @@ class RemoteReward(RewardModel):
             f"`tpm reward-serve NAME --port {self.url.rsplit(':', 1)[-1]}` or pass url= of a running server"
         )
 
+    def check(self) -> None:
+        """The server answers ``GET /health`` (its limits are kept for the requests to come)."""
+        self._ensure_loaded()
+
     def _load(self) -> None:
         health = self._request("GET", "/health")
         self.server_reward = health.get("reward") if isinstance(health, dict) else None

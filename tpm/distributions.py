@@ -51,6 +51,14 @@ def mode_concentration(mode: torch.Tensor, concentration: torch.Tensor | float) 
     return 1 + mode * k, 1 + (1 - mode) * k
 
 
+def _per_sample_beta(alpha: torch.Tensor, beta: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Beta draws with row i from ``generators[i]``, on the CPU whatever the parameters' device (the
+    draws are then the same on every device); as ``torch.distributions.Beta``, through a Dirichlet."""
+    conc = torch.stack([alpha, beta], dim=-1).detach().float().cpu()
+    rows = [torch._sample_dirichlet(conc[i], generator=g)[..., 0] for i, g in enumerate(generators)]
+    return torch.stack(rows).to(device=alpha.device, dtype=alpha.dtype)
+
+
 def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(1) if x.ndim > 1 else x
 
@@ -76,6 +84,10 @@ class BetaActions:
     def parts(self) -> list[str]:
         return sorted(self.alpha)
 
+    @property
+    def batch_size(self) -> int:
+        return self.alpha[self.parts[0]].shape[0]
+
     def _weight(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
         w = None if self.active is None else self.active.get(name)
         if w is None:
@@ -88,12 +100,24 @@ class BetaActions:
     def mean(self) -> dict[str, torch.Tensor]:
         return {n: (self.alpha[n] / (self.alpha[n] + self.beta[n])).clamp(EPS, 1 - EPS) for n in self.parts}
 
-    def sample(self) -> dict[str, torch.Tensor]:
-        """One draw per variable (torch's global generator); inactive variables take their mode."""
+    def sample(self, generators: list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+        """One draw per variable; inactive variables take their mode.
+
+        Without ``generators`` the draws come from torch's global generator. With one CPU generator
+        per sample, sample i's variables are drawn from ``generators[i]`` alone (part by part in
+        sorted order), so a sample's draws do not depend on the batch around it: the same run split
+        over any number of processes, or rolled out in other chunks, draws the same actions.
+        """
+        if generators is not None and len(generators) != self.batch_size:
+            raise ValueError(f"{len(generators)} generators for a batch of {self.batch_size}; pass one per sample")
         out = {}
         for n in self.parts:
             a, b = self.alpha[n], self.beta[n]
-            x = torch.distributions.Beta(a.detach(), b.detach()).sample().clamp(EPS, 1 - EPS)
+            if generators is None:
+                x = torch.distributions.Beta(a.detach(), b.detach()).sample()
+            else:
+                x = _per_sample_beta(a.detach(), b.detach(), generators)
+            x = x.clamp(EPS, 1 - EPS)
             w = self._weight(n, x)
             out[n] = x if w is None else torch.where(w > 0, x, beta_mode(a, b).clamp(EPS, 1 - EPS))
         return out

@@ -346,15 +346,23 @@ class TrainablePolicy(Policy):
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
         self.explore = False  # a runtime switch, not config: never saved
+        self.generators: list[torch.Generator] | None = None  # per-sample draws (see exploring)
 
     @contextmanager
-    def exploring(self, on: bool = True):
-        """Within the block the policy samples its actions (on) or acts deterministically (off)."""
-        old, self.explore = self.explore, on
+    def exploring(self, on: bool = True, generators: list[torch.Generator] | None = None):
+        """Within the block the policy samples its actions (on) or acts deterministically (off).
+
+        ``generators``: one CPU generator per sample of the batch the policy will act on; sample i's
+        draws then come from ``generators[i]`` only, so they do not depend on the batch around it
+        (GRPO seeds them by global sample index, which makes a run independent of the process count).
+        Without them the draws come from torch's global generator.
+        """
+        old, self.explore = (self.explore, self.generators), on
+        self.generators = generators
         try:
             yield self
         finally:
-            self.explore = old
+            self.explore, self.generators = old
 
     # --- what a trainable policy implements ---------------------------------------------------
     def distribution(self, inputs: dict[str, torch.Tensor]):
@@ -371,7 +379,7 @@ class TrainablePolicy(Policy):
         with torch.no_grad():
             dist = self.distribution(inputs)
             if self.explore:
-                action = dist.sample()
+                action = dist.sample(getattr(self, "generators", None))
             elif getattr(self.config, "deterministic", "mode") == "mean":
                 action = dist.mean()
             else:

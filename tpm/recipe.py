@@ -41,6 +41,8 @@ class RecipeConfig:
     """model: "testbed:flux" / "testbed:sd3", a testbed or diffusers folder, a hub id, "tiny:flux".
     dtype: weights dtype of a diffusers model ("float32", "float16", "bfloat16").
     lora: a LoRA adapter (folder or hub id) loaded into the frozen backbone; None = none.
+    prompt_cache: encode the training and eval prompts once (:mod:`tpm.prompt_cache`) and free the text
+    encoders from the device; prompt_cache_file: where the embeddings are kept (safetensors).
     policy: trainable policy name ("field", "tpm", "velocity_scale"); policy_options: its constructor
     options (token/text widths and the token grid are read from the pipeline).
     warm_start: a fixed policy the field policy imitates before GRPO, as {"policy": name, **options};
@@ -58,6 +60,12 @@ class RecipeConfig:
         "help": "testbed:flux | testbed:sd3 | a testbed or diffusers folder | a hub id | tiny:flux"})
     dtype: str = field(default="float32", metadata={"help": f"weights dtype of the backbone, one of {DTYPES}"})
     lora: str | None = field(default=None, metadata={"help": "LoRA adapter (folder or hub id) for the frozen backbone"})
+    prompt_cache: bool = field(default=False, metadata={
+        "help": "encode the training and eval prompts once before training and move the text encoders off the "
+                "device (the trained policy is unchanged)"})
+    prompt_cache_file: str | None = field(default=None, metadata={
+        "help": "safetensors file of cached prompt embeddings, read when present and written back (keyed by prompt "
+                "and text encoders, so runs can share it); default OUTPUT/prompt_cache.safetensors"})
     policy: str = field(default="tpm", metadata={"help": f"trainable policy, one of {TRAINABLE}"})
     policy_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "the policy's constructor options"})
     warm_start: dict[str, Any] | None = field(default=None, metadata={
@@ -221,6 +229,9 @@ def build_parser(description: str = "", preset: str = DEFAULT_PRESET, prog: str 
     p.add_argument("--config", help="YAML file of RecipeConfig keys and a 'grpo:' section, over the preset "
                                     "(or over the preset it names as 'base:')")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (processes, per-process batch, memory "
+                                                          "estimate per device, where rewards run) and exit; "
+                                                          "nothing loads")
     recipe, grpo = _flag_names()
     add_flags(p, RecipeConfig, _RECIPE, recipe, "run (RecipeConfig)")
     add_flags(p, GRPOConfig, _GRPO, grpo, "GRPO (GRPOConfig; also --grpo.FIELD)", consts={"resume": "latest"})

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from tpm.backbones import Backbone, Conditioning, get_backbone
 from tpm.policy import Action, Policy, PolicyError, RunContext, State, Synchronous
+from tpm.prompt_cache import conditioning
 
 
 @dataclass
@@ -321,14 +322,8 @@ def sample(
     steps = num_inference_steps if num_inference_steps is not None else backbone.call_default("num_inference_steps")
     if steps is None or int(steps) < 1:
         raise PolicyError(f"num_inference_steps must be >= 1, got {steps}")
-    gscale = guidance_scale if guidance_scale is not None else backbone.call_default("guidance_scale")
     height, width = backbone.resolve_size(height, width)
-    if negative_prompt is not None:
-        negative_prompt = _as_list(negative_prompt)
-        if len(negative_prompt) == 1 and len(prompts) > 1:
-            negative_prompt = negative_prompt * len(prompts)
-    cond = backbone.encode(prompts, gscale, negative_prompt=negative_prompt,
-                           max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale)
+    cond = conditioning(pipe, backbone, prompts, guidance_scale, negative_prompt, max_sequence_length, true_cfg_scale)
     x = backbone.prepare_latents(len(prompts), height, width, generator, latents)
     sigmas, _ = backbone.set_timesteps(int(steps), x)
     x = backbone.start(x, sigmas)

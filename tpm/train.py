@@ -35,8 +35,10 @@ from tpm.typed_config import ConfigError
 
 
 # ---- building -------------------------------------------------------------------------------------
-def build_reward(cfg: RecipeConfig):
-    """A :class:`tpm.grpo.TrainingReward`: raw per-metric scores per process, combined on the gathered batch."""
+def build_reward(cfg: RecipeConfig, check: bool = True):
+    """A :class:`tpm.grpo.TrainingReward`: raw per-metric scores per process, combined on the gathered batch.
+    ``check``: ask every reward whether it can score (``RewardModel.check``: a reward server that is down is
+    reported now, before the model loads, not after the warm start)."""
     import rewards
     from rewards.composite import combine
     from tpm.grpo.reward import TrainingReward
@@ -48,6 +50,8 @@ def build_reward(cfg: RecipeConfig):
         raise GRPOConfigError(f"reward_options given for {unknown}, which have no weight in rewards")
     models = {name: rewards.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     weights = dict(cfg.rewards)
+    for model in models.values() if check else ():
+        model.check()
 
     def metrics(images, prompts):
         # raw_scores returns NaN instead of raising, so the trainer can skip that iteration.
@@ -146,6 +150,27 @@ def check_resume(cfg: RecipeConfig) -> None:
                               "--accept-config-changes to continue with the new values, or restore them")
 
 
+def prompt_cache(cfg: RecipeConfig, pipe, prompts: list[str], acc) -> None:
+    """Encode every prompt of the run once (reading and writing ``prompt_cache_file``), attach the cache to
+    ``pipe`` and move its text encoders off the device (:mod:`tpm.prompt_cache`)."""
+    from tpm.prompt_cache import PromptCache
+
+    g = cfg.grpo
+    path = cfg.prompt_cache_file or os.path.join(g.output_dir, "prompt_cache.safetensors")
+    cache = PromptCache(pipe)
+    loaded = cache.load(path) if os.path.isfile(path) else 0
+    total = cache.fill(prompts, batch_size=g.rollout_batch_size, **g.sample_kwargs)
+    cache.attach()
+    moved = cache.free_encoders()
+    acc.wait_for_everyone()  # every process has read the file before the main one rewrites it
+    if acc.is_main_process:
+        if total > loaded:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            cache.save(path)
+        print(f"prompt cache: {total} prompt encodings ({loaded} read from {path}); "
+              f"{', '.join(moved)} moved off the device")
+
+
 def run_config(cfg: RecipeConfig) -> dict[str, Any]:
     """The recipe-level settings stored with every checkpoint (the GRPO ones are stored by the trainer)."""
     out = cfg.to_dict()
@@ -167,6 +192,7 @@ def run(cfg: RecipeConfig) -> Any:
     baselines = {label: fixed_policy(spec, f"baselines[{label!r}]") for label, spec in cfg.baselines.items()}
     reward = build_reward(cfg)
     acc = make_accelerator(g)
+    g.check_processes(acc.num_processes)
     error = [None]
     if acc.is_main_process:  # the run folder is this process's until the report is written
         try:
@@ -196,6 +222,8 @@ def run(cfg: RecipeConfig) -> Any:
         if not g.sample_kwargs:
             g = dataclasses.replace(g, sample_kwargs=backbone.sample_kwargs())
         cfg = dataclasses.replace(cfg, grpo=g)
+        if cfg.prompt_cache:
+            prompt_cache(cfg, pipe, train + evals, acc)
         policy = build_policy(cfg, pipe, g.seed)
         if g.resume is None:
             fit = warm_start(cfg, policy, pipe, quiet=not (g.progress and acc.is_main_process))
@@ -204,7 +232,7 @@ def run(cfg: RecipeConfig) -> Any:
                       + ", ".join(f"{k} {v:.2g}" for k, v in fit.items()) + ")")
         before = copy.deepcopy(policy)
         trainer = GRPOTrainer(g, policy, pipe, reward, train, evals, accelerator=acc, run_config=run_config(cfg))
-        result = trainer.train()
+        result = trainer.train(end=False)  # the report below still evaluates across processes
         if acc.is_main_process:
             with open(os.path.join(g.output_dir, "config.yaml"), "w") as f:  # rerun: --config OUTPUT/config.yaml
                 f.write(config_yaml(dataclasses.replace(cfg, grpo=dataclasses.replace(
@@ -213,6 +241,7 @@ def run(cfg: RecipeConfig) -> Any:
             report = held_out_report(trainer, before, baselines, cfg)
             if acc.is_main_process:
                 write_report(report, trainer, g.output_dir)
+        acc.end_training()  # the trackers and the process group (main() closes the group on errors)
     finally:
         if acc.is_main_process:
             ckpt.release_lock(g.output_dir)
@@ -226,6 +255,25 @@ def run(cfg: RecipeConfig) -> Any:
             print(f"logs:   {result.log_dir}  ({', '.join(g.trackers())}{hint})")
         print(f"checkpoints: {os.path.join(g.output_dir, 'checkpoints')}")
     return result
+
+
+def dry_run(cfg: RecipeConfig) -> str:
+    """The plan of a run (:mod:`tpm.plan`), after the checks that need no model: the process count the
+    launcher set up against the batch, the image size, the names of policies and rewards."""
+    import torch
+
+    from tpm.grpo.trainer import check_launch, launched_processes
+    from tpm.plan import describe
+
+    check_launch()
+    processes = launched_processes()
+    cfg.grpo.check_processes(processes)
+    check_size(cfg)
+    for label, spec in cfg.baselines.items():
+        fixed_policy(spec, f"baselines[{label!r}]")
+    build_reward(cfg, check=False)
+    device = f"cuda ({torch.cuda.device_count()} visible)" if torch.cuda.is_available() else "cpu"
+    return describe(cfg, processes, device)
 
 
 def held_out_report(trainer, before, baselines: dict, cfg: RecipeConfig) -> dict[str, Any]:
@@ -311,9 +359,22 @@ def main(argv: list[str] | None = None, defaults: str | None = None, description
         if "--print-config" in argv:
             print(config_yaml(cfg), end="")
             return cfg
+        if "--dry-run" in argv:
+            print(dry_run(cfg))
+            return cfg
         return run(cfg)
     except (ConfigError, PolicyError, RewardError, LoadError, BackboneError, FileNotFoundError) as e:  # user-fixable
         raise SystemExit(f"error: {e}") from None
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """A run that failed leaves its process group open, and a process that exits so aborts under torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # python -m tpm.train / accelerate launch -m tpm.train

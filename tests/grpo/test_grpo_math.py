@@ -98,10 +98,13 @@ def test_config_rejects_group_not_dividing_batch():
     with pytest.raises(GRPOConfigError, match=r"batch_size \(20\) must be a multiple of group_size \(16\)"):
         GRPOConfig(batch_size=20, group_size=16)
     cfg = GRPOConfig(batch_size=16, group_size=16, minibatch_size=4)
-    with pytest.raises(GRPOConfigError, match="minibatch_size"):
-        cfg.check_processes(8)  # 2 samples per process, minibatch 4
-    with pytest.raises(GRPOConfigError, match="divisible by the number of processes"):
+    # minibatches are global: 8 processes of 2 samples each replay their members of each minibatch of 4
+    assert cfg.check_processes(8) == 2 and cfg.check_processes(1) == 16
+    with pytest.raises(GRPOConfigError, match=r"batch_size \(16\) must be divisible by the number of processes "
+                       r"\(3\); set batch_size to a multiple of 48 or launch 2 processes"):
         cfg.check_processes(3)
+    with pytest.raises(GRPOConfigError, match="group_size must be at least 2"):
+        GRPOConfig(batch_size=4, group_size=1)
     with pytest.raises(GRPOConfigError, match="ratio must be one of"):
         GRPOConfig(ratio="token")
     with pytest.raises(GRPOConfigError, match="exclude each other"):
@@ -121,3 +124,18 @@ def test_learning_rate_schedules():
         GRPOConfig(lr_schedule="linear")
     with pytest.raises(GRPOConfigError, match="group_noise must be one of"):
         GRPOConfig(group_noise="same")
+
+
+def test_per_sample_generators_make_draws_independent_of_the_batch():
+    from tpm.distributions import BetaActions
+
+    alpha = {"r": torch.tensor([[2.0, 3.0], [4.0, 1.5], [6.0, 2.0]])}
+    beta = {"r": torch.tensor([[3.0, 2.0], [1.5, 5.0], [2.0, 2.0]])}
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    whole = BetaActions(alpha, beta).sample(gens([1, 2, 3]))["r"]
+    part = BetaActions({"r": alpha["r"][1:]}, {"r": beta["r"][1:]}).sample(gens([2, 3]))["r"]
+    assert torch.equal(whole[1:], part)
+    assert not torch.equal(whole[0], BetaActions(alpha, beta).sample(gens([4, 2, 3]))["r"][0])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        BetaActions(alpha, beta).sample(gens([1, 2]))
+

@@ -27,10 +27,11 @@ reference_steps: 4
 grpo:
   group_size: 2
   batch_size: 4
-  rollout_batch_size: 4
+  rollout_batch_size: 2  # = the share of each of 2 processes, so that their rollouts batch as one process's do
   minibatch_size: 2
   num_inference_steps: 3
-  eval_prompts: 2
+  eval_prompts: 3  # odd: the evaluation pads its split over 2 processes
+  keep_best: false  # export the trained weights, not possibly the starting ones
   save_every: 1
   progress: false
 """
@@ -60,27 +61,59 @@ def testbed_flux(tmp_path_factory):
     return path
 
 
-def _launch(tmp_path, model, out, processes, *extra):
+def _launch(tmp_path, model, out, processes, *extra, script=None, pythonpath=()):
+    """The recipe under ``accelerate launch``: one process, or N real CPU processes (``--multi_gpu`` starts
+    them with torchrun; without a visible GPU tpm runs them on the CPU with gloo)."""
     cfg_file = tmp_path / "small.yaml"
     cfg_file.write_text(SMALL)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+    how = ["--cpu"] if processes == 1 else ["--multi_gpu", "--main_process_port", "0"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "recipes" / "grpo_flux.py"), "--config", str(cfg_file), "--model", str(model),
+           str(script or ROOT / "recipes" / "grpo_flux.py"), "--config", str(cfg_file), "--model", str(model),
            "--output-dir", str(out), "--max-iterations", "2", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *map(str, pythonpath)]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("ACCELERATE_USE_CPU", None)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+# A reward that varies with every action (the testbed verifier's scores tie within a group of this untrained
+# model, which leaves every advantage 0 and nothing to compare).
+BRIGHTNESS = """
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, testbed_flux):
+    """``launched(name, processes)``: (completed process, run folder) of the small recipe run on the brightness
+    reward, launched once per module."""
+    runs = {}
+    lib = tmp_path_factory.mktemp("lib")
+    (lib / "brightness_reward.py").write_text(BRIGHTNESS)
+
+    def get(name, processes, *extra, script=None):
+        if name not in runs:
+            tmp = tmp_path_factory.mktemp(name)
+            out = tmp / "run"
+            runs[name] = (_launch(tmp, testbed_flux, out, processes, "--rewards", "brightness_reward:brightness",
+                                  *extra, script=script, pythonpath=[lib]), out)
+        return runs[name]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
-def test_recipe_under_accelerate_launch(tmp_path, testbed_flux, processes):
-    out = tmp_path / "run"
-    proc = _launch(tmp_path, testbed_flux, out, processes)
+def test_recipe_under_accelerate_launch(launched, testbed_flux, processes):
+    proc, out = launched(f"p{processes}", processes)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Held-out reward" in proc.stdout and str(out / "policy") in proc.stdout
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
     run = json.loads((out / "run.json").read_text())
-    assert run["iterations"] == 2 and "testbed" in run["final_eval"]
+    assert run["iterations"] == 2 and "brightness_reward:brightness" in run["final_eval"]
+    assert run["processes"] == processes  # counted inside the run: the launch really started them
     assert (out / "checkpoints" / "checkpoint-000002" / "policy" / "model.safetensors").is_file()
     assert any((out / "logs").rglob("events.out.tfevents*"))
     policy = policies.load(str(out / "policy"))
@@ -93,6 +126,60 @@ def test_recipe_under_accelerate_launch(tmp_path, testbed_flux, processes):
     pipe = load_pipeline(testbed_flux)
     images = tpm.sample(pipe, ["a red circle"], policy=policy, num_inference_steps=3, output_type="pt").images
     assert images.shape[0] == 1 and bool(torch.isfinite(images).all())
+
+
+NO_ALL_REDUCE = """
+from tpm.grpo.trainer import GRPOTrainer
+from tpm.train import main
+
+GRPOTrainer._reduce_gradients = lambda self: None  # each process steps on its own share of the gradient
+main(defaults="grpo_flux")
+"""
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "policy" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_policy(launched, tmp_path):
+    # 4 samples in 2 groups over 2 processes, minibatches of 2 that often span both: the update must be
+    # the 1-process update (same draws, gathered advantages, summed gradients) up to float summation order
+    (one, out1), (two, out2) = launched("p1", 1), launched("p2", 2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    runs = [json.loads((o / "run.json").read_text()) for o in (out1, out2)]
+    assert [r["processes"] for r in runs] == [1, 2]
+    a, b = _weights(out1), _weights(out2)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= 1e-4, diff
+    # ... while the second iteration's update alone moved the weights far more
+    from safetensors.torch import load_file
+
+    first = load_file(str(out1 / "checkpoints" / "checkpoint-000001" / "policy" / "model.safetensors"))
+    assert max(float((a[k] - first[k]).abs().max()) for k in a) > 100 * max(diff, 1e-6)
+    # the evaluation split: 3 prompts over 2 processes (one padded), scored as one process scores them
+    name = "brightness_reward:brightness"
+    assert runs[1]["final_eval"][name] == pytest.approx(runs[0]["final_eval"][name], abs=1e-6)
+    # without the gradient all-reduce each process would follow its own share of the batch
+    script = tmp_path / "no_all_reduce.py"
+    script.write_text(NO_ALL_REDUCE)
+    alone, out3 = launched("p2_no_reduce", 2, script=script)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    c = _weights(out3)
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) > 100 * max(diff, 1e-6)
+
+
+@pytest.mark.slow
+def test_prompt_cache_leaves_the_trained_policy_unchanged(launched):
+    (plain, out1), (cached, out2) = launched("p1", 1), launched("p1_cache", 1, "--prompt-cache")
+    assert plain.returncode == 0 and cached.returncode == 0, cached.stderr[-3000:]
+    assert "prompt cache: " in cached.stdout and "text_encoder_2 moved off the device" in cached.stdout
+    assert (out2 / "prompt_cache.safetensors").is_file()
+    a, b = _weights(out1), _weights(out2)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 
 CUSTOM_REWARD = """

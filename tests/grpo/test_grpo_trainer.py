@@ -40,6 +40,37 @@ def test_rollout_keeps_only_replay_inputs(flux_pipe):
     assert torch.allclose(again.images[0], ref.images[1], atol=1e-6)
 
 
+def test_action_draws_follow_the_sample_not_the_batch(flux_pipe):
+    # seeded per sample, a sample explores the same actions whether it is rolled out alone or with others
+    # (so N processes, each with its share of the batch, draw what one process draws)
+    policy = small_tpm(flux_pipe, gamma=1.0, init_scale=1.0)
+    kw = dict(num_inference_steps=3, height=32, width=32, explore=True)
+    whole = rollout(flux_pipe, policy, PROMPTS[:3], [1, 2, 3], action_seeds=[7, 8, 9], rollout_batch_size=3, **kw)
+    alone = rollout(flux_pipe, policy, PROMPTS[2:3], [3], action_seeds=[9], **kw)
+    assert torch.equal(alone.steps["action:r"][0], whole.steps["action:r"][2])
+    assert torch.allclose(alone.images[0], whole.images[2], atol=1e-5)
+    other = rollout(flux_pipe, policy, PROMPTS[2:3], [3], action_seeds=[10], **kw)
+    assert not torch.equal(other.steps["action:r"][0], whole.steps["action:r"][2])
+    with pytest.raises(ValueError, match="3 prompts but 2 action seeds"):
+        rollout(flux_pipe, policy, PROMPTS[:3], [1, 2, 3], action_seeds=[7, 8], **kw)
+
+
+def test_a_launch_that_starts_one_process_of_several_is_refused(monkeypatch):
+    from tpm.grpo.trainer import check_launch, launched_processes
+
+    for name in ("WORLD_SIZE", "RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    # what `accelerate launch --cpu --num_processes 2` leaves a script: a master address, no process count
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(GRPOConfigError, match="starts only one .* `torchrun --nproc_per_node N"):
+        check_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / --multi_gpu
+    monkeypatch.setenv("RANK", "0")
+    check_launch()
+    assert launched_processes() == 2
+
+
 def test_first_epoch_is_on_policy(flux_pipe, tmp_path):
     tr = make_trainer(flux_pipe, tmp_path, gradient_accumulation=2)  # both minibatches before the first step
     tr._prepare_output()

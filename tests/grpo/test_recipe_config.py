@@ -77,7 +77,8 @@ def test_every_preset_resolves():
 
 
 def test_every_field_is_a_flag():
-    args = ["--model", "tiny:sd3", "--dtype", "bfloat16", "--lora", "some/lora", "--policy", "tpm",
+    args = ["--model", "tiny:sd3", "--dtype", "bfloat16", "--lora", "some/lora", "--prompt-cache", "yes",
+            "--prompt-cache-file", "pc.safetensors", "--policy", "tpm",
             "--policy-options", '{"width": 32, "heads": 2}', "--warm-start", "none", "--warm-start-prompts", "3",
             "--warm-start-iterations", "0", "--rewards", "testbed=0.25,clipscore=0.75",
             "--reward-options", "{clipscore: {device: cpu}}", "--train-prompts", "p.txt", "--eval-prompts", "q.txt",
@@ -95,6 +96,7 @@ def test_every_field_is_a_flag():
     cfg = parse_args(args)
     g = cfg.grpo
     assert (cfg.model, cfg.dtype, cfg.lora, cfg.policy) == ("tiny:sd3", "bfloat16", "some/lora", "tpm")
+    assert cfg.prompt_cache is True and cfg.prompt_cache_file == "pc.safetensors"
     assert cfg.policy_options == {"width": 32, "heads": 2} and cfg.warm_start is None
     assert (cfg.warm_start_prompts, cfg.warm_start_iterations, cfg.reference_steps) == (3, 0, 5)
     assert cfg.rewards == {"testbed": 0.25, "clipscore": 0.75} and cfg.reward_options == {"clipscore": {"device": "cpu"}}
@@ -190,6 +192,24 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "outputs").exists()  # nothing written
     assert main(["train", "--print-config", "--learning-rate", "1e-4"]) == 0
     assert "learning_rate: 0.0001" in capsys.readouterr().out
+
+
+def test_a_reward_server_that_is_down_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    import socket
+
+    from tpm.cli import main
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    options = f'{{"remote": {{"url": "http://127.0.0.1:{port}", "retries": 1}}}}'
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--rewards", "remote", "--reward-options", options, "--report-to", "none"])
+    message = str(info.value)
+    assert message.startswith(f"error: reward server http://127.0.0.1:{port} did not answer GET /health")
+    assert f"tpm reward-serve NAME --port {port}" in message and "\n" not in message
+    assert not (tmp_path / "outputs").exists()  # refused before the run folder or the model
 
 
 def test_report_to_goes_through_accelerate(tmp_path):

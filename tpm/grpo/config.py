@@ -48,7 +48,8 @@ class GRPOConfig:
         "help": "Experiment trackers, through accelerate: tensorboard, wandb (pip install tpm[wandb]), several "
                 "separated by commas, 'all' or 'none'. Logs go to output_dir/logs."})
     # --- rollouts -----------------------------------------------------------------------------
-    group_size: int = field(default=16, metadata={"help": "G: samples per prompt from different noises (AsyncDiff: 16)."})
+    group_size: int = field(default=16, metadata={
+        "help": "G: samples per prompt from different noises (AsyncDiff: 16); at least 2, a group's mean is the baseline."})
     batch_size: int = field(default=16, metadata={
         "help": "Samples per iteration over all processes; a multiple of group_size (batch_size / G prompts)."})
     group_noise: str = field(default="distinct", metadata={
@@ -63,7 +64,9 @@ class GRPOConfig:
     sample_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Extra tpm.sample arguments (guidance_scale, true_cfg_scale, negative_prompt, ...)."})
     # --- optimisation -------------------------------------------------------------------------
-    minibatch_size: int = field(default=4, metadata={"help": "Samples per forward/backward pass, per process."})
+    minibatch_size: int = field(default=4, metadata={
+        "help": "Samples per minibatch of the update, over all processes (each replays the members it holds), "
+                "so a run's numbers do not depend on the process count."})
     gradient_accumulation: int = field(default=1, metadata={"help": "Minibatches per optimizer step."})
     epochs: int = field(default=1, metadata={"help": "Passes over each iteration's rollouts."})
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (AsyncDiff: 2e-5 Flux, 1e-5 SD3.5)."})
@@ -117,6 +120,9 @@ class GRPOConfig:
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_iterations", "eval_every", "save_every", "eval_prompts"):
             need(int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.group_size >= 2,
+             f"group_size must be at least 2, got {self.group_size}: an advantage is a reward relative to the other "
+             "samples of its prompt's group, so a group of one learns nothing")
         need(self.batch_size % self.group_size == 0,
              f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}): every prompt "
              f"gets a full group; set batch_size to {max(1, round(self.batch_size / self.group_size)) * self.group_size}")
@@ -151,16 +157,18 @@ class GRPOConfig:
         return [] if names in ([], ["none"]) else names
 
     def check_processes(self, num_processes: int) -> int:
-        """Samples per process; raises when the batch does not split into whole minibatches per process."""
+        """Samples per process; raises when the batch does not split evenly over the processes.
+
+        Groups may span processes (advantages are computed on the gathered batch), so only the
+        batch itself must split.
+        """
         if self.batch_size % num_processes:
+            fewer = max(k for k in range(1, num_processes) if self.batch_size % k == 0)
             raise GRPOConfigError(
-                f"batch_size ({self.batch_size}) must be divisible by the number of processes ({num_processes})")
-        local = self.batch_size // num_processes
-        if local % self.minibatch_size:
-            raise GRPOConfigError(
-                f"each of the {num_processes} processes holds {local} samples, not a multiple of minibatch_size "
-                f"({self.minibatch_size}); change minibatch_size or batch_size")
-        return local
+                f"batch_size ({self.batch_size}) must be divisible by the number of processes ({num_processes}); "
+                f"set batch_size to a multiple of {math.lcm(num_processes, self.group_size)} or launch {fewer} "
+                "processes")
+        return self.batch_size // num_processes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -86,12 +86,17 @@ def collect(actions: list[Action], static_keys: tuple[str, ...], batch: int) -> 
 @torch.no_grad()
 def rollout(pipe, policy: Policy, prompts: list[str], seeds: list[int], *, num_inference_steps: int | None = None,
             height: int | None = None, width: int | None = None, rollout_batch_size: int = 16,
-            sample_kwargs: dict[str, Any] | None = None, explore: bool = True) -> RolloutBatch:
+            sample_kwargs: dict[str, Any] | None = None, explore: bool = True,
+            action_seeds: list[int] | None = None) -> RolloutBatch:
     """Denoise ``prompts[i]`` from noise seeded by ``seeds[i]`` (a CPU ``torch.Generator`` per sample,
     so a sample's noise does not depend on how the batch is split); a trainable policy samples its
-    actions when ``explore`` and acts deterministically otherwise."""
+    actions when ``explore`` and acts deterministically otherwise. With ``action_seeds`` sample i's
+    action draws come from a generator seeded by ``action_seeds[i]`` (likewise independent of the
+    split); without, from torch's global generator."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per sample")
+    if action_seeds is not None and len(action_seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(action_seeds)} action seeds; pass one per sample")
     static_keys = tuple(getattr(policy, "static_inputs", ()))
     actions: list[Action] = []
 
@@ -100,11 +105,13 @@ def rollout(pipe, policy: Policy, prompts: list[str], seeds: list[int], *, num_i
 
     parts: list[RolloutBatch] = []
     switch = getattr(policy, "exploring", None)
-    ctx = switch(explore) if switch is not None else nullcontext()
-    with ctx:
-        for s in range(0, len(prompts), rollout_batch_size):
-            chunk = prompts[s:s + rollout_batch_size]
-            gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + rollout_batch_size]]
+    for s in range(0, len(prompts), rollout_batch_size):
+        chunk = prompts[s:s + rollout_batch_size]
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + rollout_batch_size]]
+        draws = (None if action_seeds is None else
+                 [torch.Generator().manual_seed(int(a)) for a in action_seeds[s:s + rollout_batch_size]])
+        ctx = switch(explore, generators=draws) if switch is not None else nullcontext()
+        with ctx:
             actions.clear()
             out = sample(pipe, chunk, policy=policy, num_inference_steps=num_inference_steps, height=height,
                          width=width, generator=gens, output_type="pt", callback=record, **(sample_kwargs or {}))

@@ -2,7 +2,9 @@
 
 Seeding each draw from its own coordinates, instead of advancing one generator, is what makes a
 resumed run continue exactly as the uninterrupted one: iteration i's prompts, noises, action
-draws and minibatch order do not depend on what ran before it. The stream numbers are part of
+draws and minibatch order do not depend on what ran before it. Indices are global (the sample's
+place in the whole batch, never a process index), so a run's draws do not depend on how many
+processes share it either. The stream numbers are part of
 the reproducibility contract (a run's numbers depend on them), so they never change.
 """
 
@@ -15,7 +17,9 @@ class Stream(IntEnum):
     """What a seed is for; the value enters the hash."""
 
     NOISE = 1  # (iteration, sample index): the initial noise of a training rollout
-    ACTIONS = 2  # (iteration, process index): the policy's action draws during rollouts
+    # 2 was (iteration, process index): action draws per process, which made a run depend on the process count
+    SHARED_ACTIONS = 4  # (iteration): torch's global generator during rollouts, for policies without per-sample draws
+    ACTIONS = 8  # (iteration, sample index): the policy's action draws for one sample of a rollout
     SHUFFLE = 3  # (iteration, epoch): minibatch order of the update
     EVAL_NOISE = 5  # (sample index): the initial noise of held-out evaluation images
     PROMPT_ORDER = 7  # (pass over the training prompts): their shuffled order

@@ -12,11 +12,16 @@ It uses only the :class:`tpm.policy.TrainablePolicy` contract of the policy: ``e
   processes, each rolls out its share with the frozen backbone under ``no_grad``.
 - Rewards are gathered from all processes before the group advantages are computed, so groups
   may span processes; a NaN reward skips the iteration (logged) and training goes on.
+- Every random draw is seeded by global coordinates (iteration, sample index in the whole batch,
+  epoch), never by a process index, so N processes train the policy 1 process trains, up to float
+  summation order: rewards are gathered before the group advantages; minibatches are drawn from the
+  whole batch and each process replays the members it holds.
 - The update replays the stored records through the policy network only, for ``epochs`` passes
-  of minibatches. Gradients are averaged over processes by hand (one ``all_reduce`` through
+  of minibatches. Gradients are summed over processes by hand (one ``all_reduce`` through
   ``accelerator.reduce``) because replay calls ``policy.log_prob``, not ``forward``, which DDP's
-  wrapper would need; identical start weights (broadcast from process 0) and identical averaged
-  gradients keep the processes' weights identical.
+  wrapper would need; identical start weights (broadcast from process 0) and identical reduced
+  gradients keep the processes' weights identical. Only the main process takes the run folder's
+  lock and writes files.
 - With the policy, optimizer, scheduler and RNG states restored, ``resume`` continues exactly as the
   uninterrupted run would have, because every draw is seeded from its own coordinates.
 """
@@ -47,6 +52,7 @@ from tpm.grpo.seeds import Stream, seed_for
 from tpm.policy import TrainablePolicy
 
 logger = logging.getLogger("tpm.grpo")
+EXTREMES = ("ratio/min", "ratio/max")  # update statistics combined by min / max, not by a mean
 
 
 def make_accelerator(config: GRPOConfig, **kwargs):
@@ -62,7 +68,37 @@ def make_accelerator(config: GRPOConfig, **kwargs):
         raise GRPOConfigError(f"report_to {config.report_to!r}: the package for {', '.join(missing)} is not "
                               f"installed (pip install {' '.join(missing)}; wandb: pip install 'tpm[wandb]'), or "
                               "use report_to: tensorboard")
+    check_launch()
+    if "cpu" not in kwargs and launched_processes() > 1 and not _has_accelerator_device():
+        # accelerate picks gloo for several processes only when told to run on the CPU; torchrun and
+        # `accelerate launch --multi_gpu` on a machine without GPUs would otherwise give N processes
+        # that each believe they are the only one
+        kwargs["cpu"] = True
     return Accelerator(log_with=names or None, project_dir=os.path.join(config.output_dir, "logs"), **kwargs)
+
+
+def launched_processes() -> int:
+    """The process count the launcher set up (torchrun / accelerate / MPI environment), 1 without one."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def _has_accelerator_device() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def check_launch() -> None:
+    """Refuse ``accelerate launch --cpu --num_processes N`` (N > 1): without an MPI hostfile accelerate then
+    starts one process (it sets a master address for the N it was asked for, but no process count), so the
+    run would silently use one process."""
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if flag and "MASTER_ADDR" in os.environ and launched_processes() == 1 and "RANK" not in os.environ:
+        raise GRPOConfigError(
+            "accelerate launch --cpu with several processes starts only one (it needs mpirun for more); for N CPU "
+            "processes run `accelerate launch --multi_gpu --num_processes N ...` or `torchrun --nproc_per_node N "
+            "...` (without GPUs tpm runs them on the CPU with gloo), or drop --num_processes for one process")
 
 
 def lr_factor(config: GRPOConfig, iteration: int) -> float:
@@ -233,69 +269,118 @@ class GRPOTrainer:
         # mean is a baseline for that very noise (far less variance than across noises).
         noise_of = (lambda j: j // cfg.group_size) if cfg.group_noise == "shared" else (lambda j: j)
         seeds = [seed_for(cfg.seed, Stream.NOISE, iteration, noise_of(j)) for j in range(cfg.batch_size)]
+        # each sample's action draws are seeded by its place in the whole batch, not by the process that
+        # rolls it out, so that any number of processes draws the same actions
+        draws = [seed_for(cfg.seed, Stream.ACTIONS, iteration, j) for j in range(cfg.batch_size)]
         lo = acc.process_index * self.local_batch
         hi = lo + self.local_batch
-        torch.manual_seed(seed_for(cfg.seed, Stream.ACTIONS, iteration, acc.process_index))
+        torch.manual_seed(seed_for(cfg.seed, Stream.SHARED_ACTIONS, iteration))
         self.policy.eval()
         batch = rollout(self.pipe, self.policy, prompts[lo:hi], seeds[lo:hi],
                         num_inference_steps=cfg.num_inference_steps, height=cfg.height, width=cfg.width,
-                        rollout_batch_size=cfg.rollout_batch_size, sample_kwargs=cfg.sample_kwargs, explore=True)
+                        rollout_batch_size=cfg.rollout_batch_size, sample_kwargs=cfg.sample_kwargs, explore=True,
+                        action_seeds=draws[lo:hi])
         if batch.num_decisions == 0:
             raise GRPOConfigError(f"{type(self.policy).__name__} took no decision in a rollout of "
                                   f"{cfg.num_inference_steps} steps; nothing to train")
         return batch
 
     def update(self, batch: RolloutBatch, advantages: torch.Tensor, iteration: int) -> dict[str, float]:
-        """Epochs of PPO-clip minibatches over the stored rollouts; returns averaged statistics."""
-        cfg, policy = self.config, self.policy
+        """Epochs of PPO-clip minibatches over the stored rollouts; returns averaged statistics.
+
+        Minibatches are drawn from the *whole* batch (a seeded permutation of the global sample
+        indices, ``minibatch_size`` samples each), whatever the number of processes. Each process
+        replays the samples of the minibatch it holds (possibly none) and scales its loss to its
+        share of the global mean; the gradients are then summed over processes, which gives the
+        gradient of the 1-process minibatch mean up to float summation order.
+        """
+        cfg, policy, acc = self.config, self.policy, self.accelerator
         policy.train()
-        n, s = len(batch), batch.num_decisions
+        n, s = cfg.batch_size, batch.num_decisions
+        lo = acc.process_index * self.local_batch
         adv = advantages.to(self.device)
         old = batch.log_probs.to(self.device)
-        sums: dict[str, float] = {}
-        count = 0
-        first_ratio = None
+        rows: list[torch.Tensor | None] = []  # per minibatch: [local samples, stats x samples (extremes as is)]
+        names: list[str] = []
         n_mb = math.ceil(n / cfg.minibatch_size)
+        grad_norms = []
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(cfg.epochs):
             shuffle = seed_for(cfg.seed, Stream.SHUFFLE, iteration, epoch)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle))
             for m in range(n_mb):
-                idx = order[m * cfg.minibatch_size:(m + 1) * cfg.minibatch_size]
-                record = {k: v.to(self.device) for k, v in batch.records(idx).items()}
-                logp = policy.log_prob(record).view(len(idx), s)
-                if cfg.ratio == "trajectory":
-                    loss, st = ppo_clip_loss(trajectory_log_prob(logp), trajectory_log_prob(old[idx]), adv[idx],
-                                             cfg.clip_eps)
+                members = order[m * cfg.minibatch_size:(m + 1) * cfg.minibatch_size]
+                mine = members[(members >= lo) & (members < lo + self.local_batch)] - lo
+                share = len(mine) / len(members)  # of the minibatch's mean that this process computes
+                if len(mine):
+                    loss, st = self._minibatch_loss(batch, mine, old, adv, s)
+                    (loss * share / cfg.gradient_accumulation).backward()
+                    if not names:
+                        names = sorted(st)
+                    rows.append(torch.tensor([len(mine), *(float(st[k]) * (1 if k in EXTREMES else len(mine))
+                                                           for k in names)]))
                 else:
-                    loss, st = ppo_clip_loss(logp, old[idx], adv[idx], cfg.clip_eps)
-                if first_ratio is None:
-                    first_ratio = float(st["ratio/mean"])
-                if self.reference is not None:
-                    kl = policy.kl(record, self.reference).mean()
-                    loss = loss + cfg.kl_coef * kl
-                    st["kl"] = kl.detach()
-                (loss / cfg.gradient_accumulation).backward()
-                st["loss"] = loss.detach()
-                for k, v in st.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
+                    rows.append(None)
                 if (m + 1) % cfg.gradient_accumulation == 0 or m == n_mb - 1:
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + self._optimizer_step()
-        stats = {f"train/{k}": v / count for k, v in sums.items() if k != "grad_norm"}
-        steps = cfg.epochs * math.ceil(n_mb / cfg.gradient_accumulation)
-        stats["train/grad_norm"] = sums.get("grad_norm", 0.0) / steps
-        stats["train/first_ratio"] = first_ratio if first_ratio is not None else 1.0
+                    grad_norms.append(self._optimizer_step())
+        return self._update_stats(rows, names, grad_norms)
+
+    def _minibatch_loss(self, batch: RolloutBatch, idx: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+                        s: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean PPO-clip loss (+ KL) over the local samples ``idx`` and its detached statistics."""
+        cfg, policy = self.config, self.policy
+        record = {k: v.to(self.device) for k, v in batch.records(idx).items()}
+        logp = policy.log_prob(record).view(len(idx), s)
+        if cfg.ratio == "trajectory":
+            loss, st = ppo_clip_loss(trajectory_log_prob(logp), trajectory_log_prob(old[idx]), adv[idx],
+                                     cfg.clip_eps)
+        else:
+            loss, st = ppo_clip_loss(logp, old[idx], adv[idx], cfg.clip_eps)
+        if self.reference is not None:
+            kl = policy.kl(record, self.reference).mean()
+            loss = loss + cfg.kl_coef * kl
+            st["kl"] = kl.detach()
+        st["loss"] = loss.detach()
+        return loss, st
+
+    def _update_stats(self, rows: list[torch.Tensor | None], names: list[str], grad_norms: list[float]) -> dict:
+        """Statistics of the update over all processes: means weighted by samples (the minimum and maximum
+        ratio as such), ``first_ratio`` from the first minibatch."""
+        # every process replays at least one sample per epoch (each sample is in some minibatch), so each
+        # knows the statistics' names and holds a row per minibatch
+        k = len(names)
+        table = torch.stack([r if r is not None else torch.zeros(k + 1) for r in rows])
+        table = self._gather(table[None]).reshape(-1, len(rows), k + 1)  # (processes, minibatches, 1 + k)
+        count = table[..., 0]
+        stats: dict[str, float] = {}
+        for i, name in enumerate(names):
+            vals = table[..., 1 + i]
+            if name in EXTREMES:
+                lowest = name == "ratio/min"
+                vals = torch.where(count > 0, vals, math.inf if lowest else -math.inf)
+                stats[f"train/{name}"] = float(vals.min() if lowest else vals.max())
+            else:
+                stats[f"train/{name}"] = float(vals.sum() / count.sum())
+        stats["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        first = table[:, 0]
+        ratio = names.index("ratio/mean") + 1 if "ratio/mean" in names else None
+        stats["train/first_ratio"] = float(first[:, ratio].sum() / first[:, 0].sum()) if ratio is not None else 1.0
         return stats
 
+    def _reduce_gradients(self) -> None:
+        """Sum every gradient over processes (one flat all-reduce through ``accelerator.reduce``); each
+        process has already scaled its loss to its share of the minibatch mean."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
     def _optimizer_step(self) -> float:
-        if self.accelerator.num_processes > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-            offset = 0
-            for p in self.params:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
+        self._reduce_gradients()
         if self.config.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
         else:
@@ -365,11 +450,15 @@ class GRPOTrainer:
         return means
 
     # ---- the loop --------------------------------------------------------------------------------
-    def train(self) -> TrainResult:
-        """Train, export, return the result; the run folder is locked meanwhile (see :mod:`tpm.grpo.checkpoint`)."""
+    def train(self, end: bool = True) -> TrainResult:
+        """Train, export, return the result; the run folder is locked meanwhile (see :mod:`tpm.grpo.checkpoint`).
+
+        ``end``: close the trackers and the process group afterwards (``accelerator.end_training``); pass
+        False to evaluate further across processes, and call it yourself.
+        """
         try:
             self._prepare_output()
-            return self._train()
+            return self._train(end)
         except BaseException:
             # failed before its first iteration completed: the overwritten run is put back (a no-op after)
             if self.accelerator.is_main_process and self.config.overwrite:
@@ -379,7 +468,7 @@ class GRPOTrainer:
             if self.accelerator.is_main_process:
                 ckpt.release_lock(self.config.output_dir)
 
-    def _train(self) -> TrainResult:
+    def _train(self, end: bool) -> TrainResult:
         cfg, acc = self.config, self.accelerator
         if cfg.resume is not None:
             path = ckpt.resume_checkpoint(cfg)
@@ -427,9 +516,11 @@ class GRPOTrainer:
         if acc.is_main_process:
             self.policy.save_pretrained(policy_dir)
             with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
-                json.dump({"iterations": self.iteration, "initial_eval": self.initial_eval, "final_eval": final,
+                json.dump({"iterations": self.iteration, "processes": acc.num_processes,
+                           "initial_eval": self.initial_eval, "final_eval": final,
                            "best": self.best if cfg.keep_best else None, "config": cfg.to_dict()}, f, indent=2)
         acc.wait_for_everyone()
-        acc.end_training()
+        if end:
+            acc.end_training()
         return TrainResult(cfg.output_dir, policy_dir, self.log_dir, self.iteration, self.history,
                            self.initial_eval, final)

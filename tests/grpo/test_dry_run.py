@@ -1,0 +1,53 @@
+"""``tpm train --dry-run``: the plan from the config and the model's config files, nothing loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tpm.cli import main
+
+# FLUX.1-dev's transformer config (the published one; only the shapes matter here)
+FLUX_DEV_TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "guidance_embeds": True, "in_channels": 64,
+    "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
+    "patch_size": 1, "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56],
+}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each of 2 processes
+    main(["train", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "processes:   2 on " in out
+    assert "64 samples per iteration = 4 prompts x groups of 16; 32 per process" in out
+    assert "32x32, 16 image + 10 text tokens" in out
+    assert "transformer 1.8M" in out and "memory per device (estimate)" in out
+    assert "testbed (weight 1): in every process, on cpu" in out
+    assert not (tmp_path / "outputs").exists()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match=r"^error: batch_size \(64\) must be divisible by the number of processes "
+                       r"\(3\); set batch_size to a multiple of 48 or launch 2 processes$"):
+        main(["train", "--dry-run"])
+
+
+def test_memory_estimate_counts_parameters_from_the_config_alone(tmp_path):
+    from tpm.plan import estimate
+    from tpm.recipe import parse_args
+
+    model = tmp_path / "flux-dev"
+    (model / "transformer").mkdir(parents=True)
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                        "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    (model / "transformer" / "config.json").write_text(json.dumps(FLUX_DEV_TRANSFORMER))
+    cfg = parse_args(["--model", str(model), "--dtype", "bfloat16", "--height", "512", "--width", "512",
+                      "--batch-size", "16", "--rollout-batch-size", "4"])
+    plan = estimate(cfg, processes=2)
+    n = plan["params"]["transformer"]
+    assert 11.8e9 < n < 12.0e9  # FLUX.1-dev's 12B transformer, built on the meta device
+    assert plan["memory"]["weights"] == 2 * n and plan["local_batch"] == 8
+    # no VAE config here: the default factor 8 -> 16 pixels per token side; 512 T5 tokens for Flux
+    assert plan["geometry"]["image_tokens"] == 1024 and plan["geometry"]["text_tokens"] == 512
+    assert plan["memory"]["activations"] == 4 * 1536 * 3072 * 12 * 2 + 4 * 3 * 512 * 512 * 4
