@@ -112,7 +112,7 @@ def map_iou(pipe, prompts: list[str], steps: int, verifier, seed: int, batch_siz
             traj = out.trajectory
             if truths is None:  # the images do not depend on which layer is read
                 truths = []
-                for img, p in zip(out.images, batch):
+                for img in out.images:
                     dets = verifier.detect(img)
                     m = np.zeros(np.asarray(img).shape[:2], bool)
                     for d in dets:
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     single_prompts = [p for p, c in zip(prompts, cats) if c == "single"]
     colour_rate = None
     if single_prompts:
-        from tpm.testbed.models import call_kwargs
         from tpm.sampler import sample
+        from tpm.testbed.models import call_kwargs
 
         for s in noise_sets:
             gen = torch.Generator().manual_seed(10_000 + s)
@@ -305,8 +305,8 @@ def grid_png(pipe, prompts: list[str], cats: list[str], n: int, steps: int, path
                      **call_kwargs(pipe, num_inference_steps=steps))
         for c, img in enumerate(out.images):
             sheet.paste(img.resize((cell, cell), Image.NEAREST), (pad + c * (cell + pad), top + r * (cell + pad)))
-    for c, p in enumerate(cols):
-        draw.multiline_text((pad + c * (cell + pad) + 2, 2), "\n".join(textwrap.wrap(p, 22)[:3]), fill="black")
+    for c, prompt in enumerate(cols):
+        draw.multiline_text((pad + c * (cell + pad) + 2, 2), "\n".join(textwrap.wrap(prompt, 22)[:3]), fill="black")
     sheet.save(path)
 
 

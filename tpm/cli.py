@@ -20,11 +20,11 @@ from typing import Any
 from tpm.loading import (
     LoadError,
     default_model,
-    testbed_domain,
     load_model,
     load_prompts,
     parse_spec,
     subset,
+    testbed_domain,
 )
 
 DEFAULT_POLICIES = ("synchronous", "asyndm", "dm_concave")
@@ -331,14 +331,16 @@ def cmd_export_scheduler(args) -> int:
     n = None if args.num_prompts == 0 else args.num_prompts
     prompts = load_prompts(args.prompts, n, args.prompt_seed) if args.prompts else None
     test_set = args.test_prompts
-    if test_set is None and args.prompts and is_testbed_prompt_set(args.prompts):
-        test_set = "testbed:test"  # the testbed's held-out split
+    domain = testbed_domain(args.prompts) if args.prompts else None
+    if test_set is None and domain:
+        test_set = "testbed:spatial-test" if domain == "spatial" else "testbed:test"  # the held-out split
     test = load_prompts(test_set, n, args.prompt_seed) if test_set and prompts is not None else None
     reward = None
     if test is not None:
-        specs = args.rewards or ("testbed" if is_testbed_prompt_set(test_set) else None)
+        test_domain = testbed_domain(test_set)
+        specs = args.rewards or ({"shapes": "testbed", "spatial": "testbed_spatial"}.get(test_domain))
         if specs:
-            rew = resolve_rewards(specs, is_testbed_prompt_set(test_set))
+            rew = resolve_rewards(specs, test_domain or False)
             if len(rew) != 1:
                 raise CLIError("--rewards takes one reward for the held-out measurement")
             reward = next(iter(rew.values()))

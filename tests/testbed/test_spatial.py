@@ -12,8 +12,15 @@ from PIL import Image, ImageFilter
 from tpm.testbed import CATEGORIES, COLORS, DomainError, Verifier, parse_prompt
 from tpm.testbed.background import BACKGROUND_KINDS, MAX_CHROMA, background
 from tpm.testbed.fidelity import fidelity
-from tpm.testbed.spatial import MAX_OBJECTS, RESOLUTION, SIZE_CLASSES, check_scene, render_spatial, spatial_layout
-from tpm.testbed.splits import composition_key, enumerate_prompts, get_split, sample_prompts, split_of
+from tpm.testbed.spatial import (
+    MAX_OBJECTS,
+    RESOLUTION,
+    SIZE_CLASSES,
+    check_scene,
+    render_spatial,
+    spatial_layout,
+)
+from tpm.testbed.splits import composition_key, get_split, sample_prompts, split_of
 
 TOKEN = 8  # the testbed VAE factor 4 x Flux's 2 x 2 packing
 
