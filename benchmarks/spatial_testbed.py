@@ -12,7 +12,8 @@ a sample grid with each column's prompt above it):
   plain mean of the two raw scores, a fixed combination: the z-scored training composite depends on
   the batch);
 - **colour**: at the reference step count, the fraction of single-object prompts whose object is
-  drawn in the prompt's colour (the verifier's ``obj0:color`` check);
+  drawn in the prompt's colour (the verifier's ``obj0:color`` check), over ``--colour-seeds``
+  noises per prompt (seeds 10000, 10001, ...);
 - **alignment headroom**: the verifier's mean and all-correct rate per category at the reference
   steps, and which checks fail (present / colour / count / relation);
 - **maps**: for ``--map-prompts`` prompts sampled synchronously at the reference steps, the AsynDM
@@ -102,13 +103,14 @@ def map_iou(pipe, prompts: list[str], steps: int, verifier, seed: int, batch_siz
     bb = get_backbone(pipe)
     n_layers = bb.num_attention_layers
     kwargs = call_kwargs(pipe, num_inference_steps=steps)
-    per_layer: dict[int, list[np.ndarray]] = {layer: [] for layer in range(n_layers)}
+    sets = [[layer] for layer in range(n_layers)] + [list(range(n_layers))]  # each layer, then all averaged
+    per_layer: dict[int, list[np.ndarray]] = {i: [] for i in range(len(sets))}
     for b0 in range(0, len(prompts), batch_size):
         batch = prompts[b0:b0 + batch_size]
         truths = None
-        for layer in range(n_layers):
+        for si, layers in enumerate(sets):
             gen = torch.Generator().manual_seed(seed * 7919 + b0)
-            out = sample(pipe, batch, policy=_MapProbe([layer]), generator=gen, return_trajectory=True, **kwargs)
+            out = sample(pipe, batch, policy=_MapProbe(layers), generator=gen, return_trajectory=True, **kwargs)
             traj = out.trajectory
             if truths is None:  # the images do not depend on which layer is read
                 truths = []
@@ -128,9 +130,10 @@ def map_iou(pipe, prompts: list[str], steps: int, verifier, seed: int, batch_siz
                     inter = (masks[i] & t).sum().item()
                     union = (masks[i] | t).sum().item()
                     ious[i, k] = inter / max(union, 1)
-            per_layer[layer].append(ious)
+            per_layer[si].append(ious)
     rows = []
-    for layer, chunks in per_layer.items():
+    for si, chunks in per_layer.items():
+        layer = sets[si] if len(sets[si]) > 1 else sets[si][0]
         ious = np.concatenate(chunks)  # (prompts, steps)
         keep = ~np.isnan(ious).all(1)
         ious = ious[keep]
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reference-steps", type=int, default=20)
     ap.add_argument("--compare", default="6,20", help="the two step counts whose paired difference is reported")
     ap.add_argument("--map-prompts", type=int, default=64)
+    ap.add_argument("--colour-seeds", type=int, default=8, help="noises per single-object prompt for the colour rate")
     ap.add_argument("--grid-prompts", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         from tpm.sampler import sample
         from tpm.testbed.models import call_kwargs
 
-        for s in noise_sets:
+        for s in range(args.colour_seeds):
             gen = torch.Generator().manual_seed(10_000 + s)
             out = sample(pipe, single_prompts, generator=gen,
                          **call_kwargs(pipe, num_inference_steps=args.reference_steps))

@@ -237,3 +237,26 @@ def test_plain_call_refuses_what_the_spatial_testbed_cannot_draw(tiny_spatial):
         tiny_spatial("a red circle", height=60)
     img = tiny_spatial("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (64, 64)  # the trained resolution, with no argument
+
+
+@pytest.mark.slow
+def test_spatial_benchmarks_run_end_to_end_on_a_tiny_spatial_pipeline(tmp_path, tiny_spatial, load_benchmark):
+    from tpm.testbed.models import save_pipeline
+
+    save_pipeline(tiny_spatial, tmp_path / "pipe", tiny_spatial.tpm_testbed_config, dtype=torch.float32)
+    model = str(tmp_path / "pipe")
+    bench = load_benchmark("spatial_testbed")
+    r = bench.main(["--model", model, "--num-prompts", "6", "--noise-sets", "0", "--steps", "1,2",
+                    "--reference-steps", "2", "--compare", "1,2", "--map-prompts", "2", "--grid-prompts", "2",
+                    "--colour-seeds", "1", "--batch-size", "6", "--threads", "1", "--out", str(tmp_path / "o")])
+    assert set(r["curve"]) == {"1", "2"} and len(r["gain_1_to_2"]["composite"]) == 3
+    assert len(r["maps"]["layers"]) == tiny_spatial.transformer.config.num_layers + \
+        tiny_spatial.transformer.config.num_single_layers + 1  # every layer, then all together
+    assert (tmp_path / "o" / "step_curve.png").is_file() and (tmp_path / "o" / "samples.png").is_file()
+    head = load_benchmark("per_pixel_headroom")
+    h = head.main(["--model", model, "--num-prompts", "4", "--steps", "1", "--mask-steps", "1", "--batch-size", "4",
+                   "--tables", "synchronous,shifted_grid:shift=2.0", "--choose-sets", "0", "--score-sets", "1",
+                   "--threads", "1"])
+    row = h["steps"]["1"]
+    assert row["best_table"] in ("synchronous", "shifted_grid:shift=2.0")
+    assert len(row["per_pixel_oracle_minus_synchronous"]) == 3
