@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policies.masks import attention_mask, check_user_mask, object_positions
+from policies.masks import attention_mask, check_user_mask, find_objects, object_positions
 from tpm.fields import grid_time
 from tpm.policy import Action, Policy, PolicyError, RunContext, State, register_policy
 
@@ -39,6 +39,7 @@ SCHEDULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "exponential": lambda u: (math.e - torch.exp(u)) / (math.e - 1),
 }
 MASK_SOURCES = ("cross_attention", "fixed", "user", "all")
+DELAYS = (None, "last", "first", "smaller")
 
 
 def reweighted(name: str, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -118,6 +119,10 @@ class ConcaveConfig:
     # last layer of a DiT, the 1/4-resolution layers of a UNet), "all" = every layer, or a list of indices.
     attention_layers: list[int] | str | None = None
     user_mask_shape: list[int] | None = None  # shape of the saved user mask, (h, w) or (B, h, w)
+    # Per-object order (AsynDM's future work): slow down only one object's tokens, so the others
+    # settle first. None = every object word (Eq. 7); "last" / "first" = the last- / first-mentioned
+    # object word only; "smaller" = the object word whose mask covers fewer tokens (larger first).
+    delay: str | None = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -126,6 +131,11 @@ class ConcaveConfig:
             raise PolicyError(f"unknown mask source {self.mask!r}; choose from {MASK_SOURCES}")
         if not 0.0 < self.weight <= 1.0:
             raise PolicyError(f"weight must be in (0, 1], got {self.weight}")
+        if self.delay not in DELAYS:
+            raise PolicyError(f"unknown delay {self.delay!r}; choose from {DELAYS}")
+        if self.delay is not None and self.mask != "cross_attention":
+            raise PolicyError(f'delay={self.delay!r} picks an object by its cross-attention map; it needs '
+                              f'mask="cross_attention", not {self.mask!r}')
         if isinstance(self.attention_layers, str) and self.attention_layers != "all":
             raise PolicyError(f'attention_layers must be a list of layer indices, "all" or None (the backbone\'s '
                               f'default), got {self.attention_layers!r}')
@@ -199,10 +209,36 @@ class Concave(Policy):
             return state.memory["fixed_mask"].to(state.tau.device)
         if state.attention is None:  # Algorithm 1: M starts as all ones
             return torch.ones(b, h, w, dtype=torch.bool, device=state.tau.device)
+        if self.config.delay is not None:
+            return self._delayed_object_mask(state).to(state.tau.device)
         pos = state.memory.get("positions")
         if pos is None:
             pos = state.memory["positions"] = self._positions(state.prompts, state.text_words)
         return attention_mask(state.attention, pos).to(state.tau.device)
+
+    def _delayed_object_mask(self, state: State) -> torch.Tensor:
+        """Eq. 7 on one object word per sample: the one ``delay`` names (per-object order)."""
+        groups = state.memory.get("object_groups")
+        if groups is None:  # per sample: the text positions of each object word, in prompt order
+            if state.text_words is None:
+                raise PolicyError("the backbone did not report text token positions; cannot find object tokens")
+            groups = state.memory["object_groups"] = [
+                [g for g in (object_positions(p, tw, [o]) for o in (self.config.objects or find_objects(p))) if g]
+                for p, tw in zip(state.prompts, state.text_words)]
+        b, (h, w) = state.batch_size, state.grid
+        out = torch.zeros(b, h, w, dtype=torch.bool, device=state.attention.device)
+        for i, g in enumerate(groups):
+            if not g:
+                continue
+            if self.config.delay == "last":
+                chosen = g[-1]
+            elif self.config.delay == "first":
+                chosen = g[0]
+            else:  # "smaller": the object whose own mask is smallest now
+                sizes = [int(attention_mask(state.attention[i:i + 1], [pos]).sum()) for pos in g]
+                chosen = g[sizes.index(min(sizes))]
+            out[i] = attention_mask(state.attention[i:i + 1], [chosen])[0]
+        return out
 
     def act(self, state: State) -> Action:
         k, n = state.step, state.num_steps

@@ -216,3 +216,28 @@ def test_default_attention_layers_come_from_the_backbone():
     assert policies.load("asyndm").attention_layers_for(unet) == list(range(unet.num_attention_layers))
     with pytest.raises(PolicyError, match='"all"'):
         policies.load("asyndm", attention_layers="some")
+
+
+def test_delay_slows_only_the_chosen_object():
+    """Per-object order: only the named object's tokens follow the concave schedule."""
+    prompt = "a red circle left of a blue square"  # words: a red circle left of a blue square
+    text_words = [0, 1, 2, 3, 4, 5, 6, 7, -1]  # one text position per word, then padding
+    circle, square = 2, 7
+    att = torch.zeros(1, 9, 4, 4)
+    att[0, circle, :, :1] = 1.0  # the circle's map: column 0 (4 tokens)
+    att[0, square, :2, 2:] = 1.0  # the square's map: a 2 x 2 block (4 tokens)
+    att[0, square, 2:, 3] = 1.0  # ... and 2 more: 6 tokens, the larger object
+    st = State(step=1, num_steps=4, sigmas=torch.linspace(1, 0, 5), tau=torch.full((1, 4, 4), 0.75),
+               latents=torch.zeros(1, 16, 1), grid=(4, 4), prompts=[prompt], attention=att,
+               text_words=[text_words])
+    want = {"first": att[0, circle] > 0, "last": att[0, square] > 0, "smaller": att[0, circle] > 0,
+            None: (att[0, circle] > 0) | (att[0, square] > 0)}
+    for delay, mask in want.items():
+        st.memory = {}
+        got = Concave(delay=delay).current_mask(st)
+        assert torch.equal(got[0], mask), delay
+    assert policies.load("asyndm:delay=last").config.delay == "last"
+    with pytest.raises(PolicyError, match="unknown delay"):
+        Concave(delay="middle")
+    with pytest.raises(PolicyError, match="cross_attention"):
+        Concave(mask="all", delay="last")
