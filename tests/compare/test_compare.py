@@ -11,7 +11,7 @@ import policies
 import tpm
 from tpm.cli import compare
 from tpm.comparison import CompareError, RunSpec, run, write_outputs
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 PROMPTS = ["a red circle", "a blue square left of a green triangle", "two yellow circles"]
 

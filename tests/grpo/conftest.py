@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import policies
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow square on the left"]
 

@@ -246,7 +246,7 @@ def test_composite_with_the_judge_and_the_verifier(judge, images):
 def test_grpo_iteration_with_the_judge_behind_the_recipe_composite(judge, tmp_path):
     import policies
     from tpm.grpo import GRPOConfig, GRPOTrainer
-    from tpm.testing import tiny_flux_pipeline
+    from tpm.tiny import tiny_flux_pipeline
     from tpm.train import RecipeConfig, build_reward
 
     cfg = RecipeConfig(rewards={"vlm_judge": 0.5, "testbed": 0.5},
