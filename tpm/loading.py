@@ -35,7 +35,7 @@ prompts is drawn without replacement by a seeded ``random.Random`` and kept in t
 so the same (spec, n, seed) always gives the same prompts.
 
 Policies and rewards are not resolved here: ``tpm`` does not import ``policies`` or ``rewards``
-(they import ``tpm``); the command line (:mod:`tpm.cli`) does that wiring. Everything here raises
+(they import ``tpm``); the command line (:mod:`tpm.app.cli`) does that wiring. Everything here raises
 :class:`LoadError` with a message that says what to do; nothing exits the process.
 """
 

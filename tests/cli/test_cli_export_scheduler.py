@@ -8,7 +8,7 @@ import pytest
 
 import policies
 import tpm
-from tpm.cli import main
+from tpm.app.cli import main
 from tpm.schedulers import FlowMatchTableScheduler, from_pretrained
 from tpm.tiny import tiny_flux_pipeline
 

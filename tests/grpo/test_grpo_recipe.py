@@ -13,7 +13,7 @@ import torch
 
 import policies
 import tpm
-from tpm.train import parse_args
+from tpm.app.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,7 +130,7 @@ def test_recipe_under_accelerate_launch(launched, testbed_flux, processes):
 
 NO_ALL_REDUCE = """
 from tpm.grpo.trainer import GRPOTrainer
-from tpm.train import main
+from tpm.app.train import main
 
 GRPOTrainer._reduce_gradients = lambda self: None  # each process steps on its own share of the gradient
 main(defaults="grpo_flux")
@@ -199,7 +199,7 @@ def test_tpm_train_outside_the_repo(tmp_path, testbed_flux):
     (work / "my_reward.py").write_text(CUSTOM_REWARD)
     cfg_file = tmp_path / "small.yaml"
     cfg_file.write_text(SMALL)
-    cmd = [sys.executable, "-m", "tpm.cli", "train", "--config", str(cfg_file), "--model", str(testbed_flux),
+    cmd = [sys.executable, "-m", "tpm", "train", "--config", str(cfg_file), "--model", str(testbed_flux),
            "--output-dir", "run", "--max-iterations", "2", "--rewards", "my_reward:brightness",
            "--train-prompts", "dataset/shapes", "--eval-prompts", "dataset/shapes", "--report-to", "none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(work)])}
@@ -223,8 +223,9 @@ def test_the_wheel_ships_the_presets(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     import zipfile
 
-    from tpm.recipe import available_presets
+    from tpm.app.recipe import available_presets
 
     (wheel,) = tmp_path.glob("tpm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"tpm/presets/{p}.yaml" for p in available_presets()} <= names
+    assert {"tpm/__main__.py", "tpm/app/train.py", "tpm/tiny.py"} <= names

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from tpm.app.recipe import RecipeConfig, available_presets, load_preset, parse_args
 from tpm.grpo import GRPOConfig
-from tpm.recipe import RecipeConfig, available_presets, load_preset, parse_args
 from tpm.typed_config import ConfigError
 
 
@@ -178,7 +178,7 @@ def test_bad_flags_are_one_line_naming_the_field(flags, message):
 
 
 def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
-    from tpm.cli import main
+    from tpm.app.cli import main
 
     monkeypatch.chdir(tmp_path)
     bad = _yaml(tmp_path, "grpo:\n  learning_rate: [1e-4\n")
@@ -197,7 +197,7 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
 def test_a_reward_server_that_is_down_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
     import socket
 
-    from tpm.cli import main
+    from tpm.app.cli import main
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -105,13 +105,13 @@ def test_resume_refuses_a_changed_config(flux_pipe, tmp_path, capsys):
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path):
-    from tpm.train import check_resume, parse_args
+    from tpm.app.train import check_resume, parse_args
 
     out = tmp_path / "run"
     state = tmp_path / "run" / "checkpoints" / "checkpoint-000001"
     state.mkdir(parents=True)
     cfg = parse_args(["--output-dir", str(out)])
-    from tpm.train import run_config
+    from tpm.app.train import run_config
 
     saved = {"config": cfg.grpo.to_dict(), "run_config": run_config(cfg), "iteration": 1}
     import json

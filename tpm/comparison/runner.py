@@ -2,7 +2,7 @@
 
 It takes objects, not names: a diffusers pipeline, a ``{label: Policy}`` dict and a
 ``{label: reward callable}`` dict (``reward(images, prompts) -> scores``), so ``tpm`` core never
-imports ``policies`` or ``rewards``; ``tpm compare`` and :func:`tpm.compare` (in :mod:`tpm.cli`)
+imports ``policies`` or ``rewards``; ``tpm compare`` and :func:`tpm.compare` (in :mod:`tpm.app.cli`)
 turn names into those objects.
 
 Same noise: image (prompt i, seed s) starts from ``torch.Generator("cpu").manual_seed(s)``

@@ -1,11 +1,10 @@
-"""The training entry point: ``tpm train``, ``accelerate launch -m tpm.train`` and the recipes call :func:`main`.
+"""The training entry point: ``tpm train``, ``accelerate launch -m tpm train`` and the recipes call :func:`main`.
 
 A run is a :class:`RecipeConfig` (a shipped preset, a YAML file and command-line flags, every field
-typed and checked: :mod:`tpm.recipe`) turned into a pipeline, a policy, a reward and prompt lists,
+typed and checked: :mod:`tpm.app.recipe`) turned into a pipeline, a policy, a reward and prompt lists,
 optionally a warm start (the field policy imitating a fixed policy), then
-:class:`tpm.grpo.GRPOTrainer`, then a held-out report. This module and ``tpm.cli`` are the two
-places in ``tpm`` that turn names into ``policies`` and ``rewards`` objects; the rest of ``tpm``
-never imports those packages.
+:class:`tpm.grpo.GRPOTrainer`, then a held-out report. Like the rest of :mod:`tpm.app`, it turns
+names into ``policies`` and ``rewards`` objects; ``tpm`` below ``tpm.app`` never imports those packages.
 
 The report compares, on the held-out prompts with the same noise per prompt (paired), the
 synchronous sampler at the run's step count and at ``reference_steps``, every fixed ``baselines``
@@ -29,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from tpm.app.recipe import TRAINABLE, RecipeConfig, config_yaml, parse_args  # noqa: F401  (a run's config)
 from tpm.grpo.config import GRPOConfigError
-from tpm.recipe import TRAINABLE, RecipeConfig, config_yaml, parse_args  # noqa: F401  (a run's config)
 from tpm.typed_config import ConfigError
 
 
@@ -258,12 +257,12 @@ def run(cfg: RecipeConfig) -> Any:
 
 
 def dry_run(cfg: RecipeConfig) -> str:
-    """The plan of a run (:mod:`tpm.plan`), after the checks that need no model: the process count the
+    """The plan of a run (:mod:`tpm.app.plan`), after the checks that need no model: the process count the
     launcher set up against the batch, the image size, the names of policies and rewards."""
     import torch
 
+    from tpm.app.plan import describe
     from tpm.grpo.trainer import check_launch, launched_processes
-    from tpm.plan import describe
 
     check_launch()
     processes = launched_processes()
@@ -377,7 +376,7 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # python -m tpm.train / accelerate launch -m tpm.train
-    from tpm.train import main as _main  # the importable module's classes, not __main__'s copies
+if __name__ == "__main__":  # python -m tpm.app.train (python -m tpm train is the same)
+    from tpm.app.train import main as _main  # the importable module's classes, not __main__'s copies
 
     _main()

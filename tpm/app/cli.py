@@ -1,7 +1,7 @@
 """``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm export-scheduler``, ``tpm train``,
 ``tpm reward-serve``) and :func:`compare`.
 
-This is the one module of ``tpm`` that imports ``policies`` and ``rewards`` (they import ``tpm``,
+Part of :mod:`tpm.app`, the layer that imports ``policies`` and ``rewards`` (they import ``tpm``,
 so the core cannot): it turns policy and reward names into objects, for the commands and for
 :func:`compare`, the Python twin of ``tpm compare``. Models and prompt sets are resolved by
 :mod:`tpm.loading`. Functions here raise; only :func:`main` turns a user error into one line on
@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--width", type=int, default=None)
     e.add_argument("--device", default=None)
     sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
-                   "accelerate launch -m tpm.train)")
+                   "accelerate launch -m tpm train)")
     # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
     sub.add_parser("reward-serve", add_help=False,
                    help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
@@ -453,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["reward-serve"]:
         return cmd_reward_serve(argv[1:])
     parser = build_parser()
-    if argv[:1] == ["train"]:  # its own parser: every config field is a flag (tpm.recipe)
-        from tpm.train import main as train_main
+    if argv[:1] == ["train"]:  # its own parser: every config field is a flag (tpm.app.recipe)
+        from tpm.app.train import main as train_main
 
         train_main(argv[1:], prog="tpm train")
         return 0
