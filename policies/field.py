@@ -252,6 +252,8 @@ class FieldPolicy(TrainablePolicy):
 
     config_class = FieldConfig
     static_inputs = ("text", "pooled")
+    sized_to_image = True  # the fields live on the token grid of the run's image size
+    takes_warm_start = True  # policies.field_imitation fits it to a fixed policy
 
     def __init__(self, config: FieldConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)

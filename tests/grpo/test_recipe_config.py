@@ -151,7 +151,7 @@ def test_yaml_values_are_typed(tmp_path):
     ("model: 3\n", r"model must be a string, got 3"),
     ("modle: x\n", r"unknown key modle; valid keys: "),
     ("warm_start: {shift: 2}\npolicy: field\n", r"warm_start must be a mapping with a 'policy' key"),
-    ("policy: tpm\n", r"warm_start imitates a fixed policy with the field policy"),
+    ("policy: tpm\n", r"warm_start imitates a fixed policy with a policy that takes a warm start \(field\)"),
     ("grpo: {learning_rate: [1\n", r"c\.yaml' is not valid YAML: .* at line 2, column 1"),
     ("- a\n- b\n", r"must hold a mapping of config keys, got a list"),
 ])

@@ -118,7 +118,7 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
 
     (state / ckpt.STATE_FILE).write_text(json.dumps(saved))
     check_resume(parse_args(["--output-dir", str(out), "--resume", "--max-iterations", "900"]))  # allowed change
-    with pytest.raises(GRPOConfigError, match=r"rewards: \{'testbed': 1.0\} -> \{'testbed': 2.0\}"):
+    with pytest.raises(GRPOConfigError, match=r"run.rewards: \{'testbed': 1.0\} -> \{'testbed': 2.0\}"):
         check_resume(parse_args(["--output-dir", str(out), "--resume", "--rewards", "testbed=2"]))
     with pytest.raises(GRPOConfigError, match=r"learning_rate: 0.0003 -> 0.0001"):
         check_resume(parse_args(["--output-dir", str(out), "--resume", "--learning-rate", "1e-4"]))

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import policies  # noqa: F401  (registers the policies a run can name)
 from tpm.grpo.config import GRPOConfig
+from tpm.policy import trainable_policies
 from tpm.typed_config import ConfigError, add_flags, build, coerce, convert, field_types, merge, read_yaml
 
-TRAINABLE = ("field", "tpm", "velocity_scale")
+TRAINABLE = tuple(trainable_policies())
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_PRESET = "grpo_flux"
 BASE_KEY = "base"  # a YAML file's base: a preset name, or null for the field defaults
@@ -43,9 +45,9 @@ class RecipeConfig:
     lora: a LoRA adapter (folder or hub id) loaded into the frozen backbone; None = none.
     prompt_cache: encode the training and eval prompts once (:mod:`tpm.prompt_cache`) and free the text
     encoders from the device; prompt_cache_file: where the embeddings are kept (safetensors).
-    policy: trainable policy name ("field", "tpm", "velocity_scale"); policy_options: its constructor
+    policy: trainable policy name (:data:`TRAINABLE`); policy_options: its constructor
     options (token/text widths and the token grid are read from the pipeline).
-    warm_start: a fixed policy the field policy imitates before GRPO, as {"policy": name, **options};
+    warm_start: a fixed policy a policy that takes one (``takes_warm_start``, the field policy) imitates before GRPO, as {"policy": name, **options};
     warm_start_prompts / warm_start_iterations: how many training prompts it is run on, fitting steps.
     rewards: name -> weight (several are z-scored and summed, AsyncDiff Eq. 16); a name is a
     registered reward or an import path "package.module:Name"; reward_options: name -> options.
@@ -114,9 +116,10 @@ class RecipeConfig:
         need(not bad, f"rewards: weights must be finite and non-zero, got {bad}")
         unknown = sorted(set(self.reward_options) - set(self.rewards))
         need(not unknown, f"reward_options given for {unknown}, which have no weight in rewards")
-        need(self.warm_start is None or self.policy == "field",
-             f"warm_start imitates a fixed policy with the field policy; policy is {self.policy!r} (set warm_start: "
-             "null, or policy: field)")
+        warm = [name for name, cls in trainable_policies().items() if cls.takes_warm_start]
+        need(self.warm_start is None or self.policy in warm,
+             f"warm_start imitates a fixed policy with a policy that takes a warm start ({', '.join(warm)}); policy is "
+             f"{self.policy!r} (set warm_start: null, or policy: {warm[0] if warm else '...'})")
         for what, spec in ([("warm_start", self.warm_start)] if self.warm_start is not None else []) + \
                 [(f"baselines[{label!r}]", spec) for label, spec in self.baselines.items()]:
             need(isinstance(spec, dict) and isinstance(spec.get("policy"), str),

@@ -42,11 +42,6 @@ def build_reward(cfg: RecipeConfig, check: bool = True):
     from rewards.composite import combine
     from tpm.grpo.reward import TrainingReward
 
-    if not cfg.rewards:
-        raise GRPOConfigError("rewards is empty; name at least one reward (e.g. testbed)")
-    unknown = sorted(set(cfg.reward_options) - set(cfg.rewards))
-    if unknown:
-        raise GRPOConfigError(f"reward_options given for {unknown}, which have no weight in rewards")
     models = {name: rewards.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     weights = dict(cfg.rewards)
     for model in models.values() if check else ():
@@ -66,43 +61,36 @@ def build_reward(cfg: RecipeConfig, check: bool = True):
 
 
 def build_policy(cfg: RecipeConfig, pipe, seed: int):
+    """The trainable policy ``cfg.policy`` (checked by :class:`RecipeConfig`), sized for ``pipe``."""
     import torch
 
-    import policies
-    from tpm.policy import registered_policies
+    from tpm.policy import trainable_policies
 
-    if cfg.policy not in TRAINABLE:
-        raise GRPOConfigError(f"policy {cfg.policy!r} is not a trainable policy; trainable: {list(TRAINABLE)} "
-                              f"(all policies: {policies.available()})")
     torch.manual_seed(seed)  # identical initial weights on every process
     g = cfg.grpo
-    cls = registered_policies()[cfg.policy]
-    if cfg.policy == "field":
-        return cls.for_pipeline(pipe, image_size=(g.height, g.width), **cfg.policy_options)
-    return cls.for_pipeline(pipe, **cfg.policy_options)
+    cls = trainable_policies()[cfg.policy]
+    size = {"image_size": (g.height, g.width)} if cls.sized_to_image else {}
+    return cls.for_pipeline(pipe, **size, **cfg.policy_options)
 
 
-def fixed_policy(spec: dict[str, Any], what: str):
-    """A fixed policy from {"policy": name, **options}."""
+def fixed_policy(spec: dict[str, Any]):
+    """A fixed policy from {"policy": name, **options} (its shape checked by :class:`RecipeConfig`)."""
     import policies
 
-    if not isinstance(spec, dict) or "policy" not in spec:
-        raise GRPOConfigError(f"{what} must be a mapping with a 'policy' key naming a fixed policy, got {spec!r}")
     opts = dict(spec)
     return policies.load(opts.pop("policy"), **opts)
 
 
 def warm_start(cfg: RecipeConfig, policy, pipe, quiet: bool) -> dict[str, float] | None:
-    """Imitate ``cfg.warm_start`` with the field policy before GRPO (a no-op when it is None)."""
+    """Imitate ``cfg.warm_start`` before GRPO (a no-op when it is None; :class:`RecipeConfig` checks that the
+    policy takes a warm start)."""
     if cfg.warm_start is None:
         return None
-    if cfg.policy != "field":
-        raise GRPOConfigError(f"warm_start imitates a fixed policy with the field policy; policy is {cfg.policy!r}")
     from policies.field_imitation import imitate
     from tpm.loading import load_prompts
 
     g = cfg.grpo
-    source = fixed_policy(cfg.warm_start, "warm_start")
+    source = fixed_policy(cfg.warm_start)
     prompts = load_prompts(cfg.train_prompts, n=cfg.warm_start_prompts, seed=g.seed, column=cfg.prompt_column,
                            split=cfg.train_split)
     return imitate(policy, pipe, source, prompts, num_inference_steps=g.num_inference_steps,
@@ -129,24 +117,10 @@ def check_size(cfg: RecipeConfig) -> None:
 
 
 def check_resume(cfg: RecipeConfig) -> None:
-    """Refuse a resume whose config differs from its checkpoint's, before anything loads (the trainer
-    checks again, for callers that use it directly)."""
+    """Refuse a resume whose config differs from its checkpoint's, before anything loads."""
     from tpm.grpo import checkpoint as ckpt
 
-    g = cfg.grpo
-    path = ckpt.resume_checkpoint(g)
-    with open(os.path.join(path, ckpt.STATE_FILE)) as f:
-        saved = json.load(f)
-    current = g.to_dict()
-    if not current["sample_kwargs"]:  # filled from the pipeline after loading; the trainer compares it then
-        current.pop("sample_kwargs")
-        saved.get("config", {}).pop("sample_kwargs", None)
-    changes = ckpt.config_changes(saved.get("config", {}), current)
-    changes.update({k: v for k, v in ckpt.config_changes(saved.get("run_config") or {}, run_config(cfg)).items()})
-    if changes and not g.accept_config_changes:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-        raise GRPOConfigError(f"--resume {path}: the config differs from the checkpoint's ({listed}); pass "
-                              "--accept-config-changes to continue with the new values, or restore them")
+    ckpt.resume_changes(cfg.grpo, run_config(cfg))
 
 
 def prompt_cache(cfg: RecipeConfig, pipe, prompts: list[str], acc) -> None:
@@ -188,18 +162,14 @@ def run(cfg: RecipeConfig) -> Any:
 
     g = cfg.grpo
     check_size(cfg)
-    baselines = {label: fixed_policy(spec, f"baselines[{label!r}]") for label, spec in cfg.baselines.items()}
+    baselines = {label: fixed_policy(spec) for label, spec in cfg.baselines.items()}
     reward = build_reward(cfg)
     acc = make_accelerator(g)
     g.check_processes(acc.num_processes)
     error = [None]
     if acc.is_main_process:  # the run folder is this process's until the report is written
         try:
-            ckpt.acquire_lock(g.output_dir)
-            ckpt.recover(g.output_dir)
-            ckpt.check_output_dir(g)
-            if g.resume is not None:
-                check_resume(cfg)
+            ckpt.preflight(g, run_config(cfg))
         except ConfigError as e:
             ckpt.release_lock(g.output_dir)
             error = [str(e)]
@@ -268,8 +238,8 @@ def dry_run(cfg: RecipeConfig) -> str:
     processes = launched_processes()
     cfg.grpo.check_processes(processes)
     check_size(cfg)
-    for label, spec in cfg.baselines.items():
-        fixed_policy(spec, f"baselines[{label!r}]")
+    for spec in cfg.baselines.values():  # every name resolves
+        fixed_policy(spec)
     build_reward(cfg, check=False)
     device = f"cuda ({torch.cuda.device_count()} visible)" if torch.cuda.is_available() else "cpu"
     return describe(cfg, processes, device)
