@@ -225,3 +225,18 @@ def test_report_to_goes_through_accelerate(tmp_path):
     if "wandb" not in {str(t) for t in get_available_trackers()}:  # accelerate alone would drop it silently
         with pytest.raises(ConfigError, match=r"report_to 'wandb': the package for wandb is not installed"):
             make_accelerator(GRPOConfig(output_dir=str(tmp_path), report_to="wandb"))
+
+
+def test_rewards_are_named_as_everywhere_else():
+    # one spec syntax (rewards.load): name[:key=value], on the command line with an optional =WEIGHT
+    from tpm.app.recipe import parse_reward_weights
+
+    assert parse_reward_weights("testbed:metric=all_correct") == {"testbed:metric=all_correct": 1.0}
+    assert parse_reward_weights("testbed:metric=all_correct=0.25,testbed=0.75") == {
+        "testbed:metric=all_correct": 0.25, "testbed": 0.75}
+    assert parse_reward_weights("a=0.7,b=0.3") == {"a": 0.7, "b": 0.3}
+    cfg = parse_args(["--rewards", "testbed:metric=all_correct=0.5,testbed=0.5"])
+    from tpm.app.train import build_reward
+
+    reward = build_reward(cfg, check=False)
+    assert reward is not None

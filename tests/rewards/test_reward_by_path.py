@@ -90,7 +90,7 @@ def test_import_path_in_yaml_and_on_the_command_line(custom_module, tmp_path, im
 
 
 def test_compare_takes_import_paths(custom_module):
-    from tpm.app.cli import parse_reward_spec
+    from rewards import parse_reward_spec
 
     assert parse_reward_spec(f"{custom_module}:Brightness:scale=2") == (f"{custom_module}:Brightness", {"scale": 2})
     assert parse_reward_spec("clipscore:device=cpu") == ("clipscore", {"device": "cpu"})

@@ -18,11 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from tpm.loading import (
-    LoadError,
     default_model,
     load_model,
     load_prompts,
-    parse_spec,
     subset,
     testbed_domain,
 )
@@ -31,9 +29,9 @@ DEFAULT_POLICIES = ("synchronous", "asyndm", "dm_concave")
 DEFAULT_PROMPTS = "testbed:val"
 # The verifier twice: the fraction of constraints met, and whether all are (GenEval-style accuracy).
 TESTBED_REWARDS = {
-    "shapes": {"verifier": ("testbed", {}), "verifier_all_correct": ("testbed", {"metric": "all_correct"})},
-    "spatial": {"verifier": ("testbed_spatial", {}), "verifier_all_correct": ("testbed_spatial", {"metric": "all_correct"}),
-                "fidelity": ("testbed_fidelity", {})},
+    "shapes": {"verifier": "testbed", "verifier_all_correct": "testbed:metric=all_correct"},
+    "spatial": {"verifier": "testbed_spatial", "verifier_all_correct": "testbed_spatial:metric=all_correct",
+                "fidelity": "testbed_fidelity"},
 }
 
 
@@ -77,24 +75,6 @@ def resolve_policies(specs: str | Sequence | dict) -> dict[str, Any]:
     return pol
 
 
-def parse_reward_spec(spec: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value:key=value`` (values parsed as int / float / bool when they look so)."""
-    from tpm.comparison import CompareError
-
-    try:
-        name, words, kwargs = parse_spec(spec)
-    except LoadError as e:
-        raise CompareError(str(e)) from None
-    if words:
-        import rewards as reward_lib
-
-        if name not in reward_lib.registered_rewards():  # an import path, package.module:Name[:key=value]
-            name, words = f"{name}:{words[0]}", words[1:]
-    if words:
-        raise CompareError(f"reward option {words[0]!r} in {spec!r} must be key=value")
-    return name, kwargs
-
-
 def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool | str) -> dict[str, Any]:
     """``{label: reward callable}`` from names (``name:key=value``), callables or a dict; ``None`` is
     the testbed verifier (and, for the spatial testbed's prompts, its fidelity score), which only
@@ -108,15 +88,14 @@ def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool |
             raise CompareError("give rewards for this prompt set (e.g. rewards='clipscore'); registered: "
                                f"{', '.join(sorted(reward_lib.registered_rewards()))}")
         domain = "shapes" if testbed_prompts is True else testbed_prompts
-        return {label: reward_lib.load(name, **kw) for label, (name, kw) in TESTBED_REWARDS[domain].items()}
+        return {label: reward_lib.load(spec) for label, spec in TESTBED_REWARDS[domain].items()}
     if isinstance(specs, dict):
         return dict(specs)
     rew = {}
     for r in _as_list(specs):
         if isinstance(r, str):
-            name, kwargs = parse_reward_spec(r)
             try:
-                rew[r] = reward_lib.load(name, **kwargs)
+                rew[r] = reward_lib.load(r)
             except reward_lib.RewardError as e:
                 raise CompareError(str(e)) from None
         elif callable(r):

@@ -13,9 +13,10 @@ whole):
    ``--grpo.learning_rate``, ``--policy-options '{"width": 64}'`` or ``width=64,layers=2``).
 
 Every value is converted to its field's type and checked (:mod:`tpm.typed_config`); an error names
-the field and where it came from. Rewards are ``name -> weight``; a name is a registered reward or
-an import path ``package.module:Name`` (:func:`rewards.load`). On the command line ``--rewards``
-takes ``a,b`` (equal weights), ``a=0.7,b=0.3`` or a JSON mapping.
+the field and where it came from. Rewards are ``spec -> weight``; a spec names a reward as everywhere
+else (:func:`rewards.load`): a registered name or an import path ``package.module:Name``, with
+``:key=value`` options. On the command line ``--rewards`` takes ``a,b`` (equal weights),
+``a=0.7,b=0.3`` or a JSON mapping.
 """
 
 from __future__ import annotations
@@ -181,23 +182,41 @@ def _flatten(layers: list[tuple[dict, str]]) -> dict[str, Any]:
 
 
 # ---- rewards on the command line -------------------------------------------------------------------
+def _weighted(part: str) -> tuple[str, str | None]:
+    """``SPEC=WEIGHT`` -> (SPEC, WEIGHT); a reward spec alone -> (spec, None). A spec's own options are
+    ``key=value`` too (``clipscore:device=cuda``), so the text after the last ``=`` is a weight only when
+    the text before it is a whole spec: every word after the name (and an import path's attribute) is
+    ``key=value``."""
+    import rewards
+
+    spec, eq, weight = part.rpartition("=")
+    if not eq:
+        return part, None
+    try:
+        rewards.parse_reward_spec(spec)
+    except rewards.RewardError:
+        return part, None  # "clipscore:scale=2": the "=" belongs to an option
+    return spec.strip(), weight
+
+
 def parse_reward_weights(value: Any, name: str = "rewards") -> dict[str, float]:
-    """``a,b`` (equal weights), ``a=0.7,b=0.3``, a JSON / YAML mapping, or a list of names."""
+    """``a,b`` (equal weights), ``a=0.7,b=0.3``, a JSON / YAML mapping, or a list of names. A reward is named
+    as everywhere (:func:`rewards.parse_reward_spec`): ``clipscore:device=cuda=0.5`` weighs
+    ``clipscore:device=cuda`` 0.5."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{"):
             return coerce(text, dict[str, float], name)
-        parts = [p.strip() for p in text.split(",") if p.strip()]
+        parts = [_weighted(p.strip()) for p in text.split(",") if p.strip()]
         if not parts:
             raise ConfigError(f"{name} is empty; name at least one reward (e.g. testbed)")
-        if all("=" not in p for p in parts):
-            return {p: 1.0 / len(parts) for p in parts}
+        if all(weight is None for _, weight in parts):
+            return {spec: 1.0 / len(parts) for spec, _ in parts}
         out = {}
-        for p in parts:
-            reward, eq, weight = p.rpartition("=")
-            if not eq or not reward:
-                raise ConfigError(f"{name}: {p!r} has no weight; give every reward as NAME=WEIGHT, or none")
-            out[reward.strip()] = coerce(weight, float, f"{name}[{reward.strip()!r}]")
+        for spec, weight in parts:
+            if weight is None or not spec:
+                raise ConfigError(f"{name}: {spec!r} has no weight; give every reward as NAME=WEIGHT, or none")
+            out[spec] = coerce(weight, float, f"{name}[{spec!r}]")
         return out
     if isinstance(value, (list, tuple)):
         return parse_reward_weights(",".join(str(v) for v in value), name)
