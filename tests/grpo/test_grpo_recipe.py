@@ -50,17 +50,6 @@ def test_recipe_parses_yaml_and_flags(tmp_path):
         parse_args(["--config", str(cfg_file)])
 
 
-@pytest.fixture(scope="module")
-def testbed_flux(tmp_path_factory):
-    from tpm.testbed.models import TestbedModelConfig, build_pipeline, save_pipeline
-
-    cfg = TestbedModelConfig(backbone="flux", vae_channels=(8, 8), latent_channels=4, text_dim=16, t5_dim=32,
-                             num_heads=2, head_dim=16, num_layers=1, num_single_layers=1, text_layers=1)
-    path = tmp_path_factory.mktemp("tb") / "flux"
-    save_pipeline(build_pipeline(cfg), path, cfg, dtype=torch.float32)
-    return path
-
-
 def _launch(tmp_path, model, out, processes, *extra, script=None, pythonpath=()):
     """The recipe under ``accelerate launch``: one process, or N real CPU processes (``--multi_gpu`` starts
     them with torchrun; without a visible GPU tpm runs them on the CPU with gloo)."""

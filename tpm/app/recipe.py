@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import policies  # noqa: F401  (registers the policies a run can name)
+from tpm.app import trl_names
 from tpm.grpo.config import GRPOConfig
 from tpm.policy import trainable_policies
 from tpm.typed_config import ConfigError, add_flags, build, coerce, convert, field_types, merge, read_yaml
@@ -148,8 +150,9 @@ def preset_path(name: str) -> str:
 
 
 def _layers(data: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> list[tuple[dict, str]]:
-    """The (mapping, source) layers a YAML mapping stands for, its ``base`` chain first."""
-    data = dict(data)
+    """The (mapping, source) layers a YAML mapping stands for, its ``base`` chain first; trl's names are
+    read as ours (:mod:`tpm.app.trl_names`)."""
+    data = trl_names.translate(dict(data), source, {f.name for f in dataclasses.fields(RecipeConfig)})
     if BASE_KEY not in data:
         return [(data, source)]
     base = data.pop(BASE_KEY)
@@ -237,6 +240,8 @@ def _flag_names() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     for f in dataclasses.fields(GRPOConfig):
         flat = f"--{f.name.replace('_', '-')}"
         grpo[f.name] = [*([flat] if flat not in taken else []), f"--grpo.{f.name}"]
+    for flag, name in trl_names.TRL_FLAGS.items():  # trl's spelling of the same setting
+        grpo[name].append(flag)
     return recipe, grpo
 
 
@@ -276,7 +281,8 @@ def resolve(args: argparse.Namespace) -> RecipeConfig:
             key = dest[len(_RECIPE):]
             top[key] = parse_reward_weights(value, key) if key == "rewards" else value
         elif dest.startswith(_GRPO):
-            grpo[dest[len(_GRPO):]] = value
+            key = dest[len(_GRPO):]
+            grpo[key] = trl_names.scale_value(value) if key == "advantage_scale" else value
     if top or grpo:
         layers.append(({**top, **({"grpo": grpo} if grpo else {})}, "command line"))
     merged: dict[str, Any] = {}
@@ -293,6 +299,7 @@ def resolve(args: argparse.Namespace) -> RecipeConfig:
 def parse_args(argv: list[str] | None = None, defaults: str | None = None, description: str = "",
                prog: str | None = None) -> RecipeConfig:
     """The run's config from ``argv`` over preset ``defaults`` (``--preset`` overrides it)."""
+    trl_names.flag_notes(sys.argv[1:] if argv is None else argv)
     return resolve(build_parser(description, defaults or DEFAULT_PRESET, prog).parse_args(argv))
 
 
