@@ -9,6 +9,8 @@ The same as ``tpm train`` (``accelerate launch -m tpm train``): this script only
 preset, ``grpo_flux`` (``tpm/presets/grpo_flux.yaml``: the learned field policy at 3 steps on the
 shipped testbed Flux, warm-started on the best fixed schedule, then GRPO on the testbed verifier).
 Every config key is a flag (``--help``); the keys: ``tpm.app.recipe.RecipeConfig`` and ``tpm.grpo.GRPOConfig``.
+The run itself is three calls (``tpm.app.train.run``): ``run = build(cfg, prepare(cfg))``, then
+``GRPOTrainer(run.cfg.grpo, run.policy, run.pipe, run.reward, ...).train()``, then ``finish(run, trainer)``.
 """
 
 from __future__ import annotations
