@@ -341,6 +341,18 @@ def cmd_export_scheduler(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpm", description="Timestep policies for diffusion and flow models")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_sample(sub)
+    _add_compare(sub)
+    _add_export_scheduler(sub)
+    sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
+                   "accelerate launch -m tpm train)")
+    # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
+    sub.add_parser("reward-serve", add_help=False,
+                   help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
+    return p
+
+
+def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="sample images with a policy and write PNGs")
     s.add_argument("--model", default=None, help="pipeline path / hub id, testbed:flux|sd3|flux-asyncpatch|unet|spatial, or tiny:flux|sd3")
     s.add_argument("--lora", action="append", default=None,
@@ -366,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AsyncPatch input guidance strength for inpainting (0 = off; costs a second call per step)")
     s.add_argument("--input-guidance-time", type=float, default=1.0,
                    help="time the known region is re-noised to for input guidance, in (0, 1]")
+
+
+def _add_compare(sub) -> None:
     c = sub.add_parser("compare", help="compare policies on a prompt set with the same seeds (table, grid, plots)")
     c.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                    help="comma-separated policy names, exported policy or scheduler (tpm export-scheduler) "
@@ -397,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="discard the cache in --out instead of resuming")
     c.add_argument("--add-to-card", action="append", metavar="POLICY_DIR",
                    help="put summary.md into this exported policy folder's README.md card (repeat for several)")
+
+
+def _add_export_scheduler(sub) -> None:
     e = sub.add_parser("export-scheduler", help="export a policy as a diffusers scheduler folder for the unchanged "
                        "pipeline (pipe.scheduler = tpm.schedulers.from_pretrained(DIR))")
     e.add_argument("policy", help="policy name, exported policy directory or Hub repo id org/name[@rev]")
@@ -417,12 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--height", type=int, default=None, help="image height (matters under dynamic shifting)")
     e.add_argument("--width", type=int, default=None)
     e.add_argument("--device", default=None)
-    sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
-                   "accelerate launch -m tpm train)")
-    # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
-    sub.add_parser("reward-serve", add_help=False,
-                   help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

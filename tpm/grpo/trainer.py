@@ -8,7 +8,8 @@ It uses only the :class:`tpm.policy.TrainablePolicy` contract of the policy: ``e
 ``log_prob(record)``, ``kl(record, reference)`` and ``decision_stats``.
 
 - Every iteration draws ``batch_size / group_size`` prompts and gives each a group of
-  ``group_size`` samples from different seeded noises; the samples are split over ``accelerate``
+  ``group_size`` samples, each from its own seeded noise (``group_noise="distinct"``) or all from one
+  (``"shared"``, as the ``grpo_flux`` preset does); the samples are split over ``accelerate``
   processes, each rolls out its share with the frozen backbone under ``no_grad``.
 - Rewards are gathered from all processes before the group advantages are computed, so groups
   may span processes; a NaN reward skips the iteration (logged) and training goes on.
