@@ -68,10 +68,10 @@ PRESETS = {
 
 
 def build_pipeline(preset: str, text_tokens: int, image_size: int):
-    """The random pipeline of a preset (parts from :mod:`tpm.testing`)."""
+    """The random pipeline of a preset (parts from :mod:`tpm.tiny`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from tpm import testing as T
+    from tpm import tiny as T
 
     vocab_tok = T.word_tokenizer(max_length=77)
     vocab = len(vocab_tok)

@@ -65,7 +65,7 @@ def cuda_tests(ctx: dict) -> dict:
 
 def _pipelines(ctx: dict):
     if ctx["dry_run"]:
-        from tpm.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+        from tpm.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 
         return {"flux": (tiny_flux_pipeline(max_sequence_length=16), 16, 32),
                 "sd3": (tiny_sd3_pipeline(max_sequence_length=16), 16, 32)}
@@ -112,7 +112,7 @@ def sampler_4096(ctx: dict) -> dict:
 
 def grpo_sd35_medium(ctx: dict) -> dict:
     import policies
-    from tpm import testing as T
+    from tpm import tiny as T
     from tpm.grpo import GRPOConfig, GRPOTrainer
 
     device = torch.device(ctx["device"])

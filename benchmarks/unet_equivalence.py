@@ -18,7 +18,7 @@ import json
 import torch
 
 from tpm.backbones import BackboneError
-from tpm.testing import compare_to_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from tpm.tiny import compare_to_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPTS = ["a red circle left of a blue square", "two green triangles"]
 CASES = [(cls, sched, pred) for cls in ("sd", "sdxl") for sched in ("ddim", "euler", "ddpm")

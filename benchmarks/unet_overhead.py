@@ -36,7 +36,7 @@ import time
 import torch
 
 import tpm
-from tpm.testing import tiny_sd_pipeline
+from tpm.tiny import tiny_sd_pipeline
 
 PROMPTS = ["a red circle left of a blue square"]
 

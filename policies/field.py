@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from policies.layers import Block, encode_sequence, pool_text
+from policies.layers import Block, encode_sequence, pool_text, read_state
 from policies.masks import object_positions
 from policies.tpm import dims_for_pipeline
 from tpm.distributions import BetaActions, mode_concentration
@@ -252,6 +252,8 @@ class FieldPolicy(TrainablePolicy):
 
     config_class = FieldConfig
     static_inputs = ("text", "pooled")
+    sized_to_image = True  # the fields live on the token grid of the run's image size
+    takes_warm_start = True  # policies.field_imitation fits it to a fixed policy
 
     def __init__(self, config: FieldConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
@@ -307,22 +309,10 @@ class FieldPolicy(TrainablePolicy):
     def inputs(self, state: State) -> dict[str, torch.Tensor]:
         """The network inputs at ``state`` (detached, float32): what a decision stores for replay."""
         cfg = self.config
-        if state.text_embeds is None or state.pooled is None:
-            raise PolicyError("the field policy needs the prompt embeddings in State.text_embeds / State.pooled; "
-                              "sample with tpm.sample")
-        lat = state.latents.detach().float()
-        bsz, n, c = lat.shape
-        if c != cfg.token_dim:
-            raise PolicyError(f"this field policy was built for {cfg.token_dim}-channel tokens but the backbone gives "
-                              f"{c}; build it with FieldPolicy.for_pipeline(pipe) for this backbone")
-        emb = state.text_embeds.detach().float()
-        if emb.shape[-1] != cfg.text_dim or state.pooled.shape[-1] != cfg.pooled_dim:
-            raise PolicyError(f"this field policy was built for text_dim={cfg.text_dim}, pooled_dim={cfg.pooled_dim}; "
-                              f"the pipeline gives {emb.shape[-1]} / {state.pooled.shape[-1]}")
+        lat, vel, x0, emb = read_state(state, cfg, "this field policy",
+                                       "build it with FieldPolicy.for_pipeline(pipe) for this backbone")
+        bsz, n, _ = lat.shape
         h, w = state.grid
-        zeros = torch.zeros_like(lat)
-        vel = zeros if state.velocity is None else state.velocity.detach().float()
-        x0 = zeros if state.x0 is None else state.x0.detach().float()
         prev_x0 = state.memory.get("prev_x0")
         if prev_x0 is None or state.x0 is None:
             change = torch.zeros(bsz, n, device=lat.device)

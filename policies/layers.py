@@ -1,4 +1,5 @@
-"""Small network pieces shared by the learned policies (the TPM and the field policy).
+"""Small network pieces shared by the learned policies (the TPM and the field policy), and the
+reading of a sampler :class:`~tpm.policy.State` both start their network inputs from.
 
 We write the transformer block by hand because ``nn.TransformerEncoderLayer`` always carries
 LayerNorm modules that its fused eval-mode path relies on, and AsyncDiff's TPM has none.
@@ -34,6 +35,31 @@ def fourier(x: torch.Tensor, n: int = 8) -> torch.Tensor:
     freqs = (2.0 ** torch.arange(n, device=x.device, dtype=x.dtype)) * math.pi
     ang = x[..., None] * freqs
     return torch.cat([x[..., None], ang.sin(), ang.cos()], dim=-1).flatten(1)
+
+
+def read_state(state, cfg, who: str, build_hint: str) -> tuple[torch.Tensor, ...]:
+    """(latents, velocity, x0, prompt embeddings) of ``state``, detached float32; velocity and x0 are zeros
+    before the first step. Raises :class:`~tpm.policy.PolicyError` when the prompt embeddings are missing or
+    the widths differ from ``cfg``'s (``token_dim``, ``text_dim``, ``pooled_dim``): ``who`` names the
+    policy, ``build_hint`` says how to build one for this backbone."""
+    from tpm.policy import PolicyError
+
+    if state.text_embeds is None or state.pooled is None:
+        raise PolicyError(f"{who} needs the prompt embeddings in State.text_embeds / State.pooled; "
+                          "sample with tpm.sample")
+    lat = state.latents.detach().float()
+    c = lat.shape[-1]
+    if c != cfg.token_dim:
+        raise PolicyError(f"{who} was built for {cfg.token_dim}-channel tokens but the backbone gives {c}; {build_hint}")
+    emb = state.text_embeds.detach().float()
+    if emb.shape[-1] != cfg.text_dim or state.pooled.shape[-1] != cfg.pooled_dim:
+        raise PolicyError(f"{who} was built for text_dim={cfg.text_dim}, pooled_dim={cfg.pooled_dim} but the "
+                          f"pipeline's prompt embeddings are {emb.shape[-1]} / {state.pooled.shape[-1]} wide; "
+                          f"{build_hint}")
+    zeros = torch.zeros_like(lat)
+    vel = zeros if state.velocity is None else state.velocity.detach().float()
+    x0 = zeros if state.x0 is None else state.x0.detach().float()
+    return lat, vel, x0, emb
 
 
 def pool_text(embeds: torch.Tensor, tokens: int) -> torch.Tensor:

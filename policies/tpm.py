@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policies.layers import Block, encode_sequence, pool_text
+from policies.layers import Block, encode_sequence, pool_text, read_state
 from tpm.distributions import BetaActions
 from tpm.fields import synchronous_next
 from tpm.policy import Action, Policy, PolicyError, State, TrainablePolicy, register_policy
@@ -172,25 +172,12 @@ class TPMNetwork(nn.Module):
 def network_inputs(state: State, cfg: TPMConfig, prev_cond: torch.Tensor | None,
                    prev_tau: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The TPM's inputs at ``state``, pooled and detached (this is what GRPO stores per step)."""
-    if state.text_embeds is None or state.pooled is None:
-        raise PolicyError("the TPM needs the prompt embeddings in State.text_embeds / State.pooled; "
-                          "sample with tpm.sample or tpm.sampler.denoise")
-    lat = state.latents.detach().float()
+    lat, vel, x0, emb = read_state(state, cfg, "this TPM", "build it with TPM.for_pipeline(pipe) or load a "
+                                   "policy trained for this backbone")
     bsz, n, c = lat.shape
-    if c != cfg.token_dim:
-        raise PolicyError(f"this TPM was built for {cfg.token_dim}-channel tokens but the backbone gives {c}; "
-                          "build it with TPM.for_pipeline(pipe) or load a policy trained for this backbone")
-    zeros = torch.zeros_like(lat)
-    vel = zeros if state.velocity is None else state.velocity.detach().float()
-    x0 = zeros if state.x0 is None else state.x0.detach().float()
     h, w = state.grid
     feats = torch.cat([lat, vel, x0], dim=-1).transpose(1, 2).reshape(bsz, 3 * c, h, w)
     image = F.adaptive_avg_pool2d(feats, cfg.image_grid)
-    emb = state.text_embeds.detach().float()
-    if emb.shape[-1] != cfg.text_dim or state.pooled.shape[-1] != cfg.pooled_dim:
-        raise PolicyError(f"this TPM was built for text_dim={cfg.text_dim}, pooled_dim={cfg.pooled_dim} but the "
-                          f"pipeline's prompt embeddings are {emb.shape[-1]} / {state.pooled.shape[-1]} wide; "
-                          "build it with TPM.for_pipeline(pipe)")
     text = pool_text(emb, cfg.text_tokens)
     tau = state.tau.detach().float().flatten(1).mean(1)
     prev_c = tau if prev_cond is None else prev_cond.detach().float().flatten(1).mean(1)

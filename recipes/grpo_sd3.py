@@ -11,7 +11,7 @@ verifier). Every config key is a flag (``--help``).
 
 from __future__ import annotations
 
-from tpm.train import main
+from tpm.app.train import main
 
 if __name__ == "__main__":
     main(defaults="grpo_sd3", description=__doc__.splitlines()[0])

@@ -58,7 +58,7 @@ def _prompts(pipe, n: int, split: str, seed: int) -> list[str]:
         from tpm.testbed import sample_prompts
 
         return [item.prompt for item in sample_prompts(n, split=split, seed=seed)]
-    # Words the tiny random pipelines' tokenizer knows (tpm.testing.WORDS).
+    # Words the tiny random pipelines' tokenizer knows (tpm.tiny.WORDS).
     colors = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "pink"]
     shapes = ["circle", "square", "triangle", "shark", "dog", "cat", "car", "tree"]
     g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))

@@ -4,12 +4,13 @@ from rewards.base import (
     RewardError,
     RewardModel,
     load,
+    parse_reward_spec,
     register_reward,
     registered_rewards,
     to_pixels,
 )
 
-__all__ = ["RewardError", "RewardModel", "load", "register_reward", "registered_rewards", "to_pixels"]
+__all__ = ["RewardError", "RewardModel", "load", "parse_reward_spec", "register_reward", "registered_rewards", "to_pixels"]
 import rewards.bertscore  # noqa: E402,F401  (registers "bertscore")
 import rewards.clip_score  # noqa: E402,F401  (registers "clipscore")
 import rewards.composite  # noqa: E402,F401

@@ -5,7 +5,9 @@ A reward model maps a batch of images and their prompts to one float score per i
 ((N, 3, H, W) or a list of (3, H, W)). Scores come back as a float32 CPU tensor of shape (N,).
 Heavy models load lazily on first call, on the device and dtype given at construction, and
 score in internal batches of ``batch_size``. Names map to classes in an explicit registry:
-``rewards.load("hpsv2", **options)``.
+``rewards.load("hpsv2", **options)``. :func:`load` is the one way a reward is built from a string,
+``name[:key=value...]`` or ``package.module:Name[:key=value...]``, the same on every command line
+and in YAML.
 
 Also here: preprocessing shared by the scorers (8-bit images through the official transforms:
 ``to_pil_images``, ``per_image``, ``clip_eval_transform``; ``normalize``) and weight resolution
@@ -16,6 +18,7 @@ naming the file and what to do.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -47,9 +50,33 @@ def registered_rewards() -> dict[str, type[RewardModel]]:
     return dict(_REWARDS)
 
 
-def load(name: str, **options) -> RewardModel:
-    """Build the reward registered as ``name`` with its options (nothing is loaded yet); a name with a
-    colon is an import path, ``package.module:Name`` (:func:`load_by_path`)."""
+def parse_reward_spec(spec: str) -> tuple[str, dict]:
+    """``name[:key=value...]`` or ``package.module:Name[:key=value...]`` -> (name or import path, options).
+
+    Values read as int / float / bool when they look so; a value may be a URL with a port
+    (``vlm_judge:url=http://127.0.0.1:8000/v1``). A first word after an unregistered name is the
+    import path's attribute."""
+    from tpm.loading import LoadError, parse_spec
+
+    try:
+        name, words, options = parse_spec(spec)
+    except LoadError as e:
+        raise RewardError(str(e)) from None
+    if name not in _REWARDS and (str(spec).startswith(f"{name}::") or str(spec) == f"{name}:"):
+        raise RewardError(f"reward import path {spec!r} must read package.module:Name")
+    if words and name not in _REWARDS:  # an import path, package.module:Name
+        name, words = f"{name}:{words[0]}", words[1:]
+    if words:
+        raise RewardError(f"reward option {words[0]!r} in {spec!r} must be key=value")
+    return name, options
+
+
+def load(spec: str, **options) -> RewardModel:
+    """Build a reward from its spec (:func:`parse_reward_spec`; nothing is loaded yet): a registered name,
+    or an import path ``package.module:Name`` (:func:`load_by_path`), with the spec's options and
+    ``options`` on top."""
+    name, named = parse_reward_spec(spec)
+    options = {**named, **options}
     if ":" in name:
         return load_by_path(name, **options)
     if name not in _REWARDS:
@@ -61,8 +88,10 @@ def load(name: str, **options) -> RewardModel:
 def load_by_path(path: str, **options) -> RewardModel:
     """A reward defined outside this package, named ``package.module:Name`` (``Name`` may be dotted).
 
-    ``Name`` is a :class:`RewardModel` subclass (built with ``options``), an instance of one, or a
-    function ``(images, prompts, **options) -> scores`` that takes pixels (N, 3, H, W) in [0, 1].
+    ``Name`` is a :class:`RewardModel` subclass (built with ``options``), an instance of one, a function
+    ``(images, prompts, **options) -> scores`` that takes pixels (N, 3, H, W) in [0, 1], or a reward
+    function written for trl's ``GRPOTrainer``, ``f(prompts, completions, **kwargs) -> list[float]``
+    (told apart by its first two parameter names), whose completions are the images as PIL images.
     """
     import importlib
     import inspect
@@ -89,7 +118,7 @@ def load_by_path(path: str, **options) -> RewardModel:
             raise RewardError(f"reward {path!r} is an instance, it takes no options (got {sorted(options)})")
         reward = obj
     elif inspect.isfunction(obj) or (callable(obj) and not inspect.isclass(obj) and not inspect.ismodule(obj)):
-        reward = FunctionReward(obj, **options)
+        reward = (TrlFunctionReward if TrlFunctionReward.accepts(obj) else FunctionReward)(obj, **options)
     else:
         raise RewardError(f"reward {path!r} is a {type(obj).__name__}, not a reward: give a rewards.RewardModel "
                           "subclass or instance, or a function (images, prompts) -> scores")
@@ -218,6 +247,30 @@ class FunctionReward(RewardModel):
             return torch.as_tensor(out, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
             raise RewardError(f"reward {self.name!r} returned {type(out).__name__}, not one score per image") from None
+
+
+class TrlFunctionReward(FunctionReward):
+    """A reward function written for trl's ``GRPOTrainer``: ``fn(prompts, completions, **kwargs) -> list[float]``,
+    called with the images as PIL images (8-bit) for completions and ``options`` as keyword arguments."""
+
+    TRL_PARAMETERS = ("prompts", "completions")
+
+    @classmethod
+    def accepts(cls, fn) -> bool:
+        import inspect
+
+        try:
+            params = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):  # builtins without a signature: not written for trl
+            return False
+        return tuple(params[:2]) == cls.TRL_PARAMETERS
+
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        out = self.fn(prompts=list(prompts), completions=to_pil_images(pixels), **self.options)
+        try:  # trl's None (no score for this sample) becomes NaN: the trainer skips such a batch
+            return torch.tensor([math.nan if s is None else float(s) for s in out], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward {self.name!r} returned {type(out).__name__}, not a list of floats") from None
 
 
 def check_finite(scores: torch.Tensor, name: str) -> None:

@@ -26,23 +26,19 @@ METRICS = ("score", "all_correct")
 DOMAINS = ("shapes", "spatial")
 
 
-@register_reward("testbed")
-class TestbedReward(RewardModel):
-    """Options: ``metric`` ("score" | "all_correct"); ``size``: resize images to size x size before
-    verifying (None keeps their own size); ``domain``: "shapes" (the 16-token testbed's plain
-    background) or "spatial"; ``device`` / ``dtype`` are accepted and unused (CPU numpy)."""
+class VerifierReward(RewardModel):
+    """The base of the testbed rewards: images read by the exact verifier of ``domain`` ("shapes", the
+    16-token testbed's plain background, or "spatial"), after resizing to ``size`` x ``size`` (None keeps
+    their own size); a prompt outside the grammar raises :class:`RewardError`."""
 
     __test__ = False  # not a pytest test class despite its name
     default_domain = "shapes"
 
-    def __init__(self, metric: str = "score", size: int | None = None, domain: str | None = None, **kwargs):
+    def __init__(self, size: int | None = None, domain: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        if metric not in METRICS:
-            raise RewardError(f"{self.name} reward: unknown metric {metric!r}; use one of {list(METRICS)}")
         domain = domain or self.default_domain
         if domain not in DOMAINS:
             raise RewardError(f"{self.name} reward: unknown domain {domain!r}; use one of {list(DOMAINS)}")
-        self.metric = metric
         self.size = size
         self.domain = domain
         self.verifier: Verifier | None = None
@@ -53,14 +49,33 @@ class TestbedReward(RewardModel):
         except DomainError as e:
             raise RewardError(f"{self.name} reward: {e}") from e
 
-    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _per_image(self, pixels: torch.Tensor, prompts: list[str], score) -> torch.Tensor:
+        """``score(image, parsed prompt) -> float`` for every image, as a float32 tensor."""
         try:
             specs = [parse_prompt(p) for p in prompts]
-            results = [self.verifier.verify(pixels[i], specs[i]) for i in range(len(specs))]
+            values = [score(pixels[i], specs[i]) for i in range(len(specs))]
         except DomainError as e:
             raise RewardError(f"{self.name} reward: {e}") from e
-        values = [r.score if self.metric == "score" else float(r.all_correct) for r in results]
         return torch.tensor(values, dtype=torch.float32)
+
+
+@register_reward("testbed")
+class TestbedReward(VerifierReward):
+    """Options: ``metric`` ("score" | "all_correct"); ``size``, ``domain``: as :class:`VerifierReward`;
+    ``device`` / ``dtype`` are accepted and unused (CPU numpy)."""
+
+    def __init__(self, metric: str = "score", size: int | None = None, domain: str | None = None, **kwargs):
+        if metric not in METRICS:  # checked first: a wrong metric is the likelier mistake
+            raise RewardError(f"{self.name} reward: unknown metric {metric!r}; use one of {list(METRICS)}")
+        super().__init__(size=size, domain=domain, **kwargs)
+        self.metric = metric
+
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        def check(image, spec) -> float:
+            r = self.verifier.verify(image, spec)
+            return r.score if self.metric == "score" else float(r.all_correct)
+
+        return self._per_image(pixels, prompts, check)
 
 
 @register_reward("testbed_spatial")
@@ -71,34 +86,15 @@ class SpatialTestbedReward(TestbedReward):
 
 
 @register_reward("testbed_fidelity")
-class TestbedFidelityReward(RewardModel):
+class TestbedFidelityReward(VerifierReward):
     """How well the prompt's objects and the background are drawn, in [0, 1] (:mod:`tpm.testbed.fidelity`).
 
     Options: ``size`` (resize first), ``domain`` ("spatial", default, or "shapes": which verifier
     finds the objects); ``device`` / ``dtype`` accepted and unused (CPU numpy)."""
 
-    __test__ = False
-
-    def __init__(self, size: int | None = None, domain: str = "spatial", **kwargs):
-        super().__init__(**kwargs)
-        if domain not in DOMAINS:
-            raise RewardError(f"testbed_fidelity reward: unknown domain {domain!r}; use one of {list(DOMAINS)}")
-        self.size = size
-        self.domain = domain
-        self.verifier: Verifier | None = None
-
-    def _load(self) -> None:
-        try:
-            self.verifier = Verifier.for_domain(self.domain, size=self.size)
-        except DomainError as e:
-            raise RewardError(f"testbed_fidelity reward: {e}") from e
+    default_domain = "spatial"
 
     def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         from tpm.testbed.fidelity import fidelity
 
-        try:
-            specs = [parse_prompt(p) for p in prompts]
-            values = [fidelity(pixels[i], specs[i], self.verifier).score for i in range(len(specs))]
-        except DomainError as e:
-            raise RewardError(f"testbed_fidelity reward: {e}") from e
-        return torch.tensor(values, dtype=torch.float32)
+        return self._per_image(pixels, prompts, lambda image, spec: fidelity(image, spec, self.verifier).score)

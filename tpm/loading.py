@@ -2,7 +2,7 @@
 
 Models, :func:`load_model` (``spec``):
 
-- ``tiny:flux`` / ``tiny:sd3``: random tiny pipelines of the real classes (:mod:`tpm.testing`),
+- ``tiny:flux`` / ``tiny:sd3``: random tiny pipelines of the real classes (:mod:`tpm.tiny`),
   to check plumbing offline;
 - ``testbed:NAME``: a shipped testbed checkpoint (``flux``, ``sd3``, ``flux-asyncpatch``, ``unet``,
   ``spatial``: the 64-token spatial testbed Flux);
@@ -35,7 +35,7 @@ prompts is drawn without replacement by a seeded ``random.Random`` and kept in t
 so the same (spec, n, seed) always gives the same prompts.
 
 Policies and rewards are not resolved here: ``tpm`` does not import ``policies`` or ``rewards``
-(they import ``tpm``); the command line (:mod:`tpm.cli`) does that wiring. Everything here raises
+(they import ``tpm``); the command line (:mod:`tpm.app.cli`) does that wiring. Everything here raises
 :class:`LoadError` with a message that says what to do; nothing exits the process.
 """
 
@@ -76,9 +76,9 @@ def _torch_dtype(dtype):
 
 
 def _tiny(kind: str):
-    from tpm import testing
+    from tpm import tiny
 
-    builders = {"flux": testing.tiny_flux_pipeline, "sd3": testing.tiny_sd3_pipeline}
+    builders = {"flux": tiny.tiny_flux_pipeline, "sd3": tiny.tiny_sd3_pipeline}
     if kind not in builders:
         raise LoadError(f"unknown tiny model {kind!r}; choose from {sorted(builders)} (e.g. tiny:flux)")
     return builders[kind]()

@@ -1,7 +1,7 @@
 """Model cards (``README.md`` with Hub metadata) for exported policy folders.
 
 Every ``policy.save_pretrained(dir)`` writes a card: the policy type and its paper, the config,
-and how to load and sample. A training run (:mod:`tpm.train`) rewrites the cards of the folders
+and how to load and sample. A training run (:mod:`tpm.app.train`) rewrites the cards of the folders
 it exports with what travels with a trained policy: the backbone it was trained for, the reward
 and its weights, the GRPO config and the held-out results the run printed (synchronous, before,
 after, with the prompt set, steps and seeds). ``tpm compare --add-to-card DIR`` (or
@@ -41,7 +41,7 @@ def policy_card(info: dict[str, Any], *, recipe: dict[str, Any] | None = None, r
                 run: dict[str, Any] | None = None, note: str | None = None):
     """A :class:`huggingface_hub.ModelCard` for a policy described by ``info`` (``Policy.card_info()``).
 
-    ``recipe``: the training run's config as a dict (``tpm.train.RecipeConfig``: ``model``,
+    ``recipe``: the training run's config as a dict (``tpm.app.recipe.RecipeConfig``: ``model``,
     ``rewards``, ``reward_options``, ``grpo``, ...); ``report``: its held-out report
     (``report.json``); ``run``: the trainer's ``run.json``; ``note``: a line under the title.
     """

@@ -342,6 +342,9 @@ class TrainablePolicy(Policy):
 
     stochastic = True
     static_inputs: ClassVar[tuple[str, ...]] = ()
+    # What a training run must give the policy, declared here so that the run never tests policy names.
+    sized_to_image: ClassVar[bool] = False  # for_pipeline takes image_size=(height, width): it acts on the token grid
+    takes_warm_start: ClassVar[bool] = False  # it can imitate a fixed policy before GRPO (policies.field_imitation)
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
@@ -425,3 +428,8 @@ class Synchronous(Policy):
 
     def act(self, state: State) -> Action:
         return Action(tau_next=synchronous_next(state))
+
+
+def trainable_policies() -> dict[str, type[TrainablePolicy]]:
+    """The registered policies GRPO can train, by name (import ``policies`` first to register them)."""
+    return {name: cls for name, cls in sorted(_POLICIES.items()) if issubclass(cls, TrainablePolicy)}

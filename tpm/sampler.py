@@ -341,8 +341,9 @@ def sample(
         def count(out: StepOutput) -> None:
             spent[0] = out.nfe
 
-        _, ref = denoise(backbone, x.clone(), cond, sigmas, Synchronous(), {}, grid, text_words,
-                         ref_layers, record=True, callback=count, nfe_offset=spent[0],
+        _, ref = denoise(backbone, x.clone(), cond, sigmas, policy=Synchronous(), memory={}, grid=grid,
+                         text_words=text_words, attention_layers=ref_layers, record=True, callback=count,
+                         nfe_offset=spent[0],
                          attention_tokens=policy.attention_tokens(prompts, text_words))
         return ref
 
@@ -350,8 +351,8 @@ def sample(
                      num_attention_layers=backbone.num_attention_layers, reference_run=reference_run,
                      default_attention_layers=backbone.default_attention_layers())
     memory = policy.begin(ctx)
-    x, traj = denoise(backbone, x, cond, sigmas, policy, memory, grid, text_words, layers,
-                      record=return_trajectory, progress=progress, input_guidance=input_guidance,
+    x, traj = denoise(backbone, x, cond, sigmas, policy=policy, memory=memory, grid=grid, text_words=text_words,
+                      attention_layers=layers, record=return_trajectory, progress=progress, input_guidance=input_guidance,
                       input_guidance_time=input_guidance_time, callback=callback, nfe_offset=spent[0],
                       attention_tokens=tokens)
     images = backbone.decode_images(x, height, width, output_type)

@@ -559,6 +559,45 @@ def _policy_label(policy: Policy) -> str:
     return getattr(policy, "source_label", None) or policy.policy_name or type(policy).__name__
 
 
+def _exportable_backbone(pipe):
+    """``pipe``'s backbone adapter, if its family and scheduler have a table form; else :class:`ScheduleError`."""
+    from tpm.backbones import get_backbone
+    from tpm.backbones.base import BackboneError
+
+    try:
+        backbone = get_backbone(pipe)
+    except (BackboneError, ValueError) as e:
+        raise ScheduleError(str(e)) from None
+    family = backbone.pipeline_class_name
+    if family not in FLOW_PIPELINES + UNET_PIPELINES:
+        raise ScheduleError(f"no scheduler export for {family}; supported: {', '.join(FLOW_PIPELINES + UNET_PIPELINES)}")
+    if family in UNET_PIPELINES:
+        from tpm.backbones.discrete import SchedulerError, scheduler_kind
+
+        try:  # multistep / higher-order updates have no table form (and no per-pixel one: tpm.sample refuses them)
+            scheduler_kind(pipe.scheduler)
+        except SchedulerError as e:
+            raise ScheduleError(f"cannot export a schedule from this pipeline's scheduler: {e}") from None
+    return backbone
+
+
+def _distilled_table(pipe, policy: Policy, k: int, prompts, seeds, run: dict, label: str, across: float,
+                     info: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A state-dependent policy's mean times per step over ``prompts`` x ``seeds`` (recorded in ``info``)."""
+    if prompts is None:
+        raise ScheduleError(
+            f"{label} is state-dependent (its times differ between prompts / noises by up to {across:.3g}), so "
+            "no single schedule reproduces it; export its mean table over a prompt set with "
+            "to_scheduler(..., prompts=[...]) (CLI: --prompts SET) and measure the cost on held-out prompts")
+    prompts = list(prompts)
+    tr = trace_policy(pipe, policy, k, prompts, seeds=seeds, **run)
+    _refuse_per_token(tr, label)
+    info["method"] = (f"distilled: the mean per step of the policy's times over {len(prompts)} prompts x "
+                      f"{len(tuple(seeds))} seeds")
+    info["train_spread"] = {"tau": float(tr.taus.std(0).max()), "cond": float(tr.cond.std(0).max())}
+    return tr.taus.mean(0), tr.cond.mean(0)
+
+
 def to_scheduler(pipe, policy: Policy, num_inference_steps: int, *, prompts=None, seeds=(0,),
                  test_prompts=None, test_seeds=(0,), reward=None, height: int | None = None, width: int | None = None,
                  guidance_scale: float | None = None, batch_size: int = 8, report=print, **sample_kwargs):
@@ -581,23 +620,8 @@ def to_scheduler(pipe, policy: Policy, num_inference_steps: int, *, prompts=None
     passed to ``report`` (default ``print``; ``None`` = silent) and the model card.
     Per-token fields (AsynDM), known regions and scaled updates raise :class:`ScheduleError`.
     """
-    from tpm.backbones import get_backbone
-    from tpm.backbones.base import BackboneError
-
-    try:
-        backbone = get_backbone(pipe)
-    except (BackboneError, ValueError) as e:
-        raise ScheduleError(str(e)) from None
+    backbone = _exportable_backbone(pipe)
     family = backbone.pipeline_class_name
-    if family not in FLOW_PIPELINES + UNET_PIPELINES:
-        raise ScheduleError(f"no scheduler export for {family}; supported: {', '.join(FLOW_PIPELINES + UNET_PIPELINES)}")
-    if family in UNET_PIPELINES:
-        from tpm.backbones.discrete import SchedulerError, scheduler_kind
-
-        try:  # multistep / higher-order updates have no table form (and no per-pixel one: tpm.sample refuses them)
-            scheduler_kind(pipe.scheduler)
-        except SchedulerError as e:
-            raise ScheduleError(f"cannot export a schedule from this pipeline's scheduler: {e}") from None
     k = int(num_inference_steps)
     if k < 1:
         raise ScheduleError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -619,18 +643,7 @@ def to_scheduler(pipe, policy: Policy, num_inference_steps: int, *, prompts=None
         info["method"] = ("exact: the policy's times did not depend on the state (two probe prompts with "
                           "different noise gave identical tables)")
     else:
-        if prompts is None:
-            raise ScheduleError(
-                f"{label} is state-dependent (its times differ between prompts / noises by up to {across:.3g}), so "
-                "no single schedule reproduces it; export its mean table over a prompt set with "
-                "to_scheduler(..., prompts=[...]) (CLI: --prompts SET) and measure the cost on held-out prompts")
-        prompts = list(prompts)
-        tr = trace_policy(pipe, policy, k, prompts, seeds=seeds, **run)
-        _refuse_per_token(tr, label)
-        taus, cond = tr.taus.mean(0), tr.cond.mean(0)
-        info["method"] = (f"distilled: the mean per step of the policy's times over {len(prompts)} prompts x "
-                          f"{len(tuple(seeds))} seeds")
-        info["train_spread"] = {"tau": float(tr.taus.std(0).max()), "cond": float(tr.cond.std(0).max())}
+        taus, cond = _distilled_table(pipe, policy, k, prompts, seeds, run, label, across, info)
     taus_l = [float(x) for x in taus.to(torch.float32)]
     cond_l = [float(x) for x in cond.to(torch.float32)]
     if family in FLOW_PIPELINES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tpm.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+from tpm.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 
 
 @pytest.fixture(scope="session")

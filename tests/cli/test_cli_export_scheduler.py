@@ -8,9 +8,9 @@ import pytest
 
 import policies
 import tpm
-from tpm.cli import main
+from tpm.app.cli import main
 from tpm.schedulers import FlowMatchTableScheduler, from_pretrained
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 
 def brightness(images, prompts):

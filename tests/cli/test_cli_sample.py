@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from tpm.cli import main
+from tpm.app.cli import main
 
 
 def test_sample_writes_images_and_field_strips(tmp_path):

@@ -9,9 +9,9 @@ from PIL import Image
 
 import policies
 import tpm
-from tpm.cli import compare
+from tpm.app.cli import compare
 from tpm.comparison import CompareError, RunSpec, run, write_outputs
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 PROMPTS = ["a red circle", "a blue square left of a green triangle", "two yellow circles"]
 
@@ -137,7 +137,7 @@ def test_bad_input_is_reported(pipe, tmp_path):
         compare(["synchronous"], "testbed:val", steps=[2, 0], **kw)
     with pytest.raises(CompareError, match="give rewards"):
         compare(["synchronous"], "animal-activity", steps=2, **kw)
-    from tpm.cli import main
+    from tpm.app.cli import main
 
     with pytest.raises(SystemExit, match="unknown testbed split 'testbed:vall'.*testbed:val"):
         main(["compare", "--prompts", "testbed:vall", "--model", "tiny:flux"])

@@ -76,7 +76,7 @@ def test_flow_grpo_folder_layout(tmp_path):
 def test_recipe_prompts_go_through_the_same_loader(tmp_path, monkeypatch):
     # tpm train reads its prompt sets with tpm.loading.load_prompts, like tpm compare: check the calls
     import tpm.loading
-    from tpm.train import main
+    from tpm.app.train import main
 
     folder = tmp_path / "dataset" / "ocr"
     folder.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """Shared tiny pipelines and transformer inputs for the core tests (offline, fp32).
 
-Each pipeline is a real diffusers class with random weights (``tpm.testing``), built once per
+Each pipeline is a real diffusers class with random weights (``tpm.tiny``), built once per
 session. Tests that modify a pipeline (adapters, processors, schedulers) build their own copy
 with :func:`build_pipeline` instead of touching the shared ones.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tpm.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+from tpm.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 
 # name -> builder kwargs; "sd35" has SD3.5's dual attention and qk-norm.
 PIPELINES = {

@@ -18,7 +18,7 @@ from tpm.backbones import get_backbone
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs, brute_force_text_probs
 from tpm.fields import synchronous_next
 from tpm.policy import Action, Policy
-from tpm.testing import tiny_sd3_pipeline
+from tpm.tiny import tiny_sd3_pipeline
 
 from .helpers import TransformerCase, shared_pipeline, two_level_field
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tpm.backbones import BACKBONES, SUPPORTED_PIPELINES, FluxBackbone, SD3Backbone, get_backbone
-from tpm.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+from tpm.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 
 
 def test_supported_pipelines_follow_the_registry(flux_pipe, sd3_pipe):

@@ -9,7 +9,7 @@ import tpm
 from tpm.backbones import BackboneError, get_backbone
 from tpm.fields import synchronous_next
 from tpm.policy import Action, Policy, PolicyError
-from tpm.testing import tiny_sd3_pipeline
+from tpm.tiny import tiny_sd3_pipeline
 
 from .helpers import shared_pipeline
 

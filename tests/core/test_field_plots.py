@@ -10,7 +10,7 @@ from tpm.comparison.figures import departs_from_synchronous, write_field_heatmap
 from tpm.comparison.runner import _save_fields
 from tpm.plots import conditioning_shift, field_rows, field_strip
 from tpm.sampler import Trajectory, sample
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 
 def _trajectory(deviations: list[float], with_mask: bool = False) -> Trajectory:

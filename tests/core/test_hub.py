@@ -22,7 +22,7 @@ import torch
 import policies
 from policies import PolicyError
 from tpm.sampler import sample
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
@@ -98,7 +98,7 @@ def test_offline_round_trip_export_cache_load_gives_identical_samples(tmp_path):
     populate_cache(tmp_path / "hub", "org/tpm-test", tmp_path / "export", COMMIT_A)
     script = (
         "import sys, numpy as np, torch, policies\n"
-        "from tpm.sampler import sample\nfrom tpm.testing import tiny_flux_pipeline\n"
+        "from tpm.sampler import sample\nfrom tpm.tiny import tiny_flux_pipeline\n"
         "policy = policies.load('org/tpm-test')\n"
         "out = sample(tiny_flux_pipeline(), ['a red circle', 'two blue squares'], policy=policy, num_inference_steps=3,"
         " height=32, width=32, generator=torch.Generator().manual_seed(0), output_type='np').images\n"

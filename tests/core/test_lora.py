@@ -13,7 +13,7 @@ import torch
 
 import policies
 import tpm
-from tpm.cli import main
+from tpm.app.cli import main
 from tpm.loading import LoadError, LoraSpec, load_lora, load_model, parse_lora
 
 from .helpers import build_pipeline

@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 import policies
-from tpm.cli import main as cli_main
+from tpm.app.cli import main as cli_main
 from tpm.model_card import BEGIN_COMPARISON, add_comparison, policy_card, write_run_cards
 
 RECIPE = {
@@ -101,11 +101,11 @@ def test_card_of_an_untrained_policy_says_so():
 
 @pytest.mark.slow
 def test_a_training_run_writes_the_card_with_what_it_printed(tmp_path):
-    """tpm.train on a tiny testbed Flux: policy/README.md holds the recipe and report.json's numbers."""
+    """tpm.app.train on a tiny testbed Flux: policy/README.md holds the recipe and report.json's numbers."""
     import torch
 
+    from tpm.app.train import main as train_main
     from tpm.testbed.models import TestbedModelConfig, build_pipeline, save_pipeline
-    from tpm.train import main as train_main
 
     cfg = TestbedModelConfig(backbone="flux", vae_channels=(8, 8), latent_channels=4, text_dim=16, t5_dim=32,
                              num_heads=2, head_dim=16, num_layers=1, num_single_layers=1, text_layers=1)

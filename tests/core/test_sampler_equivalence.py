@@ -112,7 +112,7 @@ def test_generator_per_prompt_and_pil_output(flux_guidance_pipe):
 
 
 def test_sd3_without_t5_equals_pipeline():
-    from tpm.testing import tiny_sd3_pipeline
+    from tpm.tiny import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(with_t5=False)
     ref, out = _both(pipe, PROMPTS, num_inference_steps=2, guidance_scale=5.0, height=32, width=32,

@@ -28,7 +28,7 @@ from tpm.schedulers import (
     to_scheduler,
     trace_policy,
 )
-from tpm.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from tpm.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from .test_hub import populate_cache
 

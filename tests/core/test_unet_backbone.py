@@ -10,7 +10,7 @@ import tpm
 from tpm.backbones import BackboneError, get_backbone
 from tpm.backbones.discrete import DiscreteTime, coefficients, ddpm_step, tau_from_alpha_bar
 from tpm.backbones.unet_forward import asyndm_layers, cross_attention_layers, unet_forward
-from tpm.testing import compare_to_pipeline, sd_scheduler, tiny_sd_pipeline, tiny_sdxl_pipeline
+from tpm.tiny import compare_to_pipeline, sd_scheduler, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPTS = ["a red circle left of a blue square", "two green triangles"]
 # fp32 tolerance: tpm steps in flow coordinates (float64 coefficients) and the pipeline in its

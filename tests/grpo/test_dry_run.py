@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tpm.cli import main
+from tpm.app.cli import main
 
 # FLUX.1-dev's transformer config (the published one; only the shapes matter here)
 FLUX_DEV_TRANSFORMER = {
@@ -34,8 +34,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatc
 
 
 def test_memory_estimate_counts_parameters_from_the_config_alone(tmp_path):
-    from tpm.plan import estimate
-    from tpm.recipe import parse_args
+    from tpm.app.plan import estimate
+    from tpm.app.recipe import parse_args
 
     model = tmp_path / "flux-dev"
     (model / "transformer").mkdir(parents=True)

@@ -23,6 +23,7 @@ def test_group_advantages_hand():
     assert torch.allclose(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, -1.0, 1.0]), atol=1e-6)
     adv = group_advantages(torch.tensor([1.0, 3.0]), group_size=2, eps=1.0)
     assert torch.allclose(adv, torch.tensor([-0.5, 0.5]))
+    assert torch.equal(group_advantages(torch.tensor([5.0]), group_size=1), torch.zeros(1))  # a group of one
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), group_size=4)
 

@@ -13,7 +13,7 @@ import torch
 
 import policies
 import tpm
-from tpm.train import parse_args
+from tpm.app.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,17 +48,6 @@ def test_recipe_parses_yaml_and_flags(tmp_path):
     cfg_file.write_text("grpo: {group_sise: 2}\n")
     with pytest.raises(ValueError, match="unknown key grpo.group_sise"):
         parse_args(["--config", str(cfg_file)])
-
-
-@pytest.fixture(scope="module")
-def testbed_flux(tmp_path_factory):
-    from tpm.testbed.models import TestbedModelConfig, build_pipeline, save_pipeline
-
-    cfg = TestbedModelConfig(backbone="flux", vae_channels=(8, 8), latent_channels=4, text_dim=16, t5_dim=32,
-                             num_heads=2, head_dim=16, num_layers=1, num_single_layers=1, text_layers=1)
-    path = tmp_path_factory.mktemp("tb") / "flux"
-    save_pipeline(build_pipeline(cfg), path, cfg, dtype=torch.float32)
-    return path
 
 
 def _launch(tmp_path, model, out, processes, *extra, script=None, pythonpath=()):
@@ -130,7 +119,7 @@ def test_recipe_under_accelerate_launch(launched, testbed_flux, processes):
 
 NO_ALL_REDUCE = """
 from tpm.grpo.trainer import GRPOTrainer
-from tpm.train import main
+from tpm.app.train import main
 
 GRPOTrainer._reduce_gradients = lambda self: None  # each process steps on its own share of the gradient
 main(defaults="grpo_flux")
@@ -199,7 +188,7 @@ def test_tpm_train_outside_the_repo(tmp_path, testbed_flux):
     (work / "my_reward.py").write_text(CUSTOM_REWARD)
     cfg_file = tmp_path / "small.yaml"
     cfg_file.write_text(SMALL)
-    cmd = [sys.executable, "-m", "tpm.cli", "train", "--config", str(cfg_file), "--model", str(testbed_flux),
+    cmd = [sys.executable, "-m", "tpm", "train", "--config", str(cfg_file), "--model", str(testbed_flux),
            "--output-dir", "run", "--max-iterations", "2", "--rewards", "my_reward:brightness",
            "--train-prompts", "dataset/shapes", "--eval-prompts", "dataset/shapes", "--report-to", "none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(work)])}
@@ -223,8 +212,9 @@ def test_the_wheel_ships_the_presets(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     import zipfile
 
-    from tpm.recipe import available_presets
+    from tpm.app.recipe import available_presets
 
     (wheel,) = tmp_path.glob("tpm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"tpm/presets/{p}.yaml" for p in available_presets()} <= names
+    assert {"tpm/__main__.py", "tpm/app/train.py", "tpm/tiny.py"} <= names

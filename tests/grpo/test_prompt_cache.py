@@ -8,7 +8,7 @@ import torch
 
 from tpm.grpo import rollout
 from tpm.prompt_cache import PromptCache, PromptCacheError, encoder_key
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 from .conftest import PROMPTS, small_tpm
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from tpm.app.recipe import RecipeConfig, available_presets, load_preset, parse_args
 from tpm.grpo import GRPOConfig
-from tpm.recipe import RecipeConfig, available_presets, load_preset, parse_args
 from tpm.typed_config import ConfigError
 
 
@@ -151,7 +151,7 @@ def test_yaml_values_are_typed(tmp_path):
     ("model: 3\n", r"model must be a string, got 3"),
     ("modle: x\n", r"unknown key modle; valid keys: "),
     ("warm_start: {shift: 2}\npolicy: field\n", r"warm_start must be a mapping with a 'policy' key"),
-    ("policy: tpm\n", r"warm_start imitates a fixed policy with the field policy"),
+    ("policy: tpm\n", r"warm_start imitates a fixed policy with a policy that takes a warm start \(field\)"),
     ("grpo: {learning_rate: [1\n", r"c\.yaml' is not valid YAML: .* at line 2, column 1"),
     ("- a\n- b\n", r"must hold a mapping of config keys, got a list"),
 ])
@@ -178,7 +178,7 @@ def test_bad_flags_are_one_line_naming_the_field(flags, message):
 
 
 def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
-    from tpm.cli import main
+    from tpm.app.cli import main
 
     monkeypatch.chdir(tmp_path)
     bad = _yaml(tmp_path, "grpo:\n  learning_rate: [1e-4\n")
@@ -197,7 +197,7 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
 def test_a_reward_server_that_is_down_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
     import socket
 
-    from tpm.cli import main
+    from tpm.app.cli import main
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -225,3 +225,18 @@ def test_report_to_goes_through_accelerate(tmp_path):
     if "wandb" not in {str(t) for t in get_available_trackers()}:  # accelerate alone would drop it silently
         with pytest.raises(ConfigError, match=r"report_to 'wandb': the package for wandb is not installed"):
             make_accelerator(GRPOConfig(output_dir=str(tmp_path), report_to="wandb"))
+
+
+def test_rewards_are_named_as_everywhere_else():
+    # one spec syntax (rewards.load): name[:key=value], on the command line with an optional =WEIGHT
+    from tpm.app.recipe import parse_reward_weights
+
+    assert parse_reward_weights("testbed:metric=all_correct") == {"testbed:metric=all_correct": 1.0}
+    assert parse_reward_weights("testbed:metric=all_correct=0.25,testbed=0.75") == {
+        "testbed:metric=all_correct": 0.25, "testbed": 0.75}
+    assert parse_reward_weights("a=0.7,b=0.3") == {"a": 0.7, "b": 0.3}
+    cfg = parse_args(["--rewards", "testbed:metric=all_correct=0.5,testbed=0.5"])
+    from tpm.app.train import build_reward
+
+    reward = build_reward(cfg, check=False)
+    assert reward is not None

@@ -105,20 +105,20 @@ def test_resume_refuses_a_changed_config(flux_pipe, tmp_path, capsys):
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path):
-    from tpm.train import check_resume, parse_args
+    from tpm.app.train import check_resume, parse_args
 
     out = tmp_path / "run"
     state = tmp_path / "run" / "checkpoints" / "checkpoint-000001"
     state.mkdir(parents=True)
     cfg = parse_args(["--output-dir", str(out)])
-    from tpm.train import run_config
+    from tpm.app.train import run_config
 
     saved = {"config": cfg.grpo.to_dict(), "run_config": run_config(cfg), "iteration": 1}
     import json
 
     (state / ckpt.STATE_FILE).write_text(json.dumps(saved))
     check_resume(parse_args(["--output-dir", str(out), "--resume", "--max-iterations", "900"]))  # allowed change
-    with pytest.raises(GRPOConfigError, match=r"rewards: \{'testbed': 1.0\} -> \{'testbed': 2.0\}"):
+    with pytest.raises(GRPOConfigError, match=r"run.rewards: \{'testbed': 1.0\} -> \{'testbed': 2.0\}"):
         check_resume(parse_args(["--output-dir", str(out), "--resume", "--rewards", "testbed=2"]))
     with pytest.raises(GRPOConfigError, match=r"learning_rate: 0.0003 -> 0.0001"):
         check_resume(parse_args(["--output-dir", str(out), "--resume", "--learning-rate", "1e-4"]))

@@ -14,7 +14,7 @@ from policies.shifted import shift_time
 from policies.spatial import inpaint_policy
 from tpm.policy import Action, Policy, PolicyError
 from tpm.schedulers import to_scheduler
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 SIZE = 16  # tiny Flux: 2 px per token -> an 8 x 8 token grid
 K = 4

@@ -204,7 +204,7 @@ def test_default_attention_layers_come_from_the_backbone():
     """None = the backbone's default: a DiT's last layer (benchmarks/attention_layers.py), every
     1/4-resolution cross-attention layer of a UNet (AsynDM App. B.3); "all" and lists as given."""
     from tpm.backbones import get_backbone
-    from tpm.testing import tiny_flux_pipeline, tiny_sd_pipeline
+    from tpm.tiny import tiny_flux_pipeline, tiny_sd_pipeline
 
     flux = get_backbone(tiny_flux_pipeline(num_layers=2, num_single_layers=2))
     assert flux.num_attention_layers == 4

@@ -14,7 +14,7 @@ from policies.field_imitation import imitate, invert_fields
 from tpm.distributions import mode_concentration
 from tpm.grpo import rollout
 from tpm.policy import PolicyError, State
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
 

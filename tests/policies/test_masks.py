@@ -5,7 +5,7 @@ import torch
 import policies
 import tpm
 from policies.masks import attention_mask, find_objects, object_positions
-from tpm.testing import tiny_flux_pipeline
+from tpm.tiny import tiny_flux_pipeline
 
 
 def test_find_objects():

@@ -141,7 +141,7 @@ def test_reward_with_a_local_captioner(tiny_bert, tiny_blip):
 
 
 def test_reward_spec_on_the_command_line(tiny_bert):
-    from tpm.cli import resolve_rewards
+    from tpm.app.cli import resolve_rewards
 
     spec = f"bertscore:caption_url=http://127.0.0.1:8011/v1:caption_model={MODEL}:bert_model={tiny_bert}:num_layers=2"
     (reward,) = resolve_rewards([spec], testbed_prompts=True).values()

@@ -397,7 +397,7 @@ def test_cli_options_and_bad_name(capsys):
 
 
 def test_tpm_reward_serve_help_lists_every_option(capsys):
-    from tpm.cli import main as tpm_main
+    from tpm.app.cli import main as tpm_main
 
     with pytest.raises(SystemExit) as exit_:
         tpm_main(["reward-serve", "--help"])

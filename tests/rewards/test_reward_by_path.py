@@ -67,7 +67,7 @@ def test_bad_options_name_the_reward(custom_module):
 
 
 def test_import_path_in_yaml_and_on_the_command_line(custom_module, tmp_path, images, prompts):
-    from tpm.train import build_reward, parse_args
+    from tpm.app.train import build_reward, parse_args
 
     path = f"{custom_module}:Brightness"
     cfg_file = tmp_path / "c.yaml"
@@ -83,14 +83,14 @@ def test_import_path_in_yaml_and_on_the_command_line(custom_module, tmp_path, im
     total = build_reward(cfg).combine(build_reward(cfg).metrics(images, prompts))
     assert total.shape == (5,) and bool(torch.isfinite(torch.as_tensor(total)).all())
     # a broken path fails before any model loads, as one line
-    from tpm.train import main
+    from tpm.app.train import main
 
     with pytest.raises(SystemExit, match=r"error: reward 'nope_mod:X': cannot import module"):
         main(["--rewards", "nope_mod:X", "--output-dir", str(tmp_path / "o")])
 
 
 def test_compare_takes_import_paths(custom_module):
-    from tpm.cli import parse_reward_spec
+    from rewards import parse_reward_spec
 
     assert parse_reward_spec(f"{custom_module}:Brightness:scale=2") == (f"{custom_module}:Brightness", {"scale": 2})
     assert parse_reward_spec("clipscore:device=cpu") == ("clipscore", {"device": "cpu"})

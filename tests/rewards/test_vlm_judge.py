@@ -245,9 +245,9 @@ def test_composite_with_the_judge_and_the_verifier(judge, images):
 @pytest.mark.slow
 def test_grpo_iteration_with_the_judge_behind_the_recipe_composite(judge, tmp_path):
     import policies
+    from tpm.app.train import RecipeConfig, build_reward
     from tpm.grpo import GRPOConfig, GRPOTrainer
-    from tpm.testing import tiny_flux_pipeline
-    from tpm.train import RecipeConfig, build_reward
+    from tpm.tiny import tiny_flux_pipeline
 
     cfg = RecipeConfig(rewards={"vlm_judge": 0.5, "testbed": 0.5},
                        reward_options={"vlm_judge": {"url": judge.url, "model": MODEL, "concurrency": 4}})
@@ -283,7 +283,7 @@ def test_reward_specs_keep_urls_whole(spec, options):
 def test_tpm_compare_with_the_judge(judge, tmp_path, capsys):
     import csv
 
-    from tpm.cli import main
+    from tpm.app.cli import main
 
     spec = f"vlm_judge:url={judge.url}:model={MODEL}"
     main(["compare", "--policies", "synchronous,dm_concave", "--prompts", "testbed:test", "--num-prompts", "2",

@@ -299,6 +299,18 @@ class Backbone(abc.ABC):
         sequence (-1 for special/padding tokens)."""
 
 
+def cfg_mix(uncond: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance as every pipeline computes it: ``uncond + scale * (text - uncond)``."""
+    return uncond + scale * (text - uncond)
+
+
+def guided(out: torch.Tensor, maps: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A doubled batch (unconditional half first, as the pipelines stack it) mixed by :func:`cfg_mix`,
+    and the attention maps of the text half."""
+    uncond, text = out.chunk(2)
+    return cfg_mix(uncond, text, scale), (None if maps is None else maps.chunk(2)[1])
+
+
 def word_index_of_tokens(tokenizer, prompt: str, length: int) -> list[int]:
     """Map each token position of ``tokenizer(prompt, padding="max_length")`` to a word index.
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
-from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
+from tpm.backbones.base import Backbone, Conditioning, Prediction, cfg_mix, word_index_of_tokens
 from tpm.backbones.modulation import (
     TILE_SIZES,
     TokenTime,
@@ -322,7 +322,7 @@ class FluxBackbone(Backbone):
         if cond.do_cfg:
             v_neg, _ = self._forward(latents, tau_tokens, cond.negative_embeds, cond.negative_pooled,
                                      cond.extras["negative_text_ids"], guidance, None, grid)
-            v = v_neg + cond.extras["true_cfg_scale"] * (v - v_neg)
+            v = cfg_mix(v_neg, v, cond.extras["true_cfg_scale"])
         return Prediction(v, attn)
 
     def text_words(self, prompts, max_sequence_length):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from tpm.backbones.attention import AttentionRecorder, attention_with_text_probs
-from tpm.backbones.base import Backbone, Conditioning, Prediction, word_index_of_tokens
+from tpm.backbones.base import Backbone, Conditioning, Prediction, guided, word_index_of_tokens
 from tpm.backbones.modulation import (
     TILE_SIZES,
     TokenTime,
@@ -249,10 +249,7 @@ class SD3Backbone(Backbone):
                                           attention_layers=attention_layers, time_resolution=self.time_resolution,
                                           attention_tokens=tokens, time_levels=self.time_levels)
         if cond.do_cfg:
-            v_uncond, v_text = v.chunk(2)
-            v = v_uncond + cond.guidance_scale * (v_text - v_uncond)
-            if attn is not None:
-                attn = attn.chunk(2)[1]
+            v, attn = guided(v, attn, cond.guidance_scale)
         return Prediction(v, attn)
 
     def text_words(self, prompts, max_sequence_length):

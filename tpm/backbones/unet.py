@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from tpm.backbones.base import Backbone, BackboneError, Conditioning, Prediction, word_index_of_tokens
+from tpm.backbones.base import Backbone, BackboneError, Conditioning, Prediction, guided, word_index_of_tokens
 from tpm.backbones.discrete import (
     SUPPORTED_SCHEDULERS,
     DiscreteTime,
@@ -212,10 +212,7 @@ class StableDiffusionBackbone(Backbone):
         out, maps = unet_forward(self.unet, x_in, t_in, embeds, added, capture=capture, layers=attention_layers,
                                  time_grid=grid, time_levels=self.time_levels)
         if cond.do_cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + cond.guidance_scale * (text - uncond)
-            if maps is not None:
-                maps = maps.chunk(2)[1]
+            out, maps = guided(out, maps, cond.guidance_scale)
         x0, eps = self._estimates(out.to(torch.float64), x.to(torch.float64), a, b)
         v = (eps - x0).to(latents.dtype)
         return Prediction(v, maps)

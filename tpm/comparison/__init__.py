@@ -4,7 +4,7 @@ Modules: :mod:`~tpm.comparison.runner` (the engine: images and scores, cached an
 :mod:`~tpm.comparison.api` (a whole comparison on objects: engine then outputs),
 :mod:`~tpm.comparison.stats` (intervals), :mod:`~tpm.comparison.report` and
 :mod:`~tpm.comparison.figures` (outputs). Everything here takes objects (a pipeline, policies,
-reward callables); names are turned into objects by :mod:`tpm.cli`, and prompt sets are loaded by
+reward callables); names are turned into objects by :mod:`tpm.app.cli`, and prompt sets are loaded by
 :mod:`tpm.loading`.
 """
 

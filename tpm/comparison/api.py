@@ -2,7 +2,7 @@
 
 :func:`run_comparison` takes a pipeline, ``{label: Policy}``, ``{label: reward callable}`` and a
 prompt list; ``tpm compare`` and :func:`tpm.compare` turn names into those objects (in
-:mod:`tpm.cli`) and call it. Outputs in ``out``:
+:mod:`tpm.app.cli`) and call it. Outputs in ``out``:
 
 - ``results.csv``: one row per image (prompt, seed, policy, steps, every metric, NFE, time);
 - ``summary.md``: per policy and metric the mean with a 95 % interval, and the paired

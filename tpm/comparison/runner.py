@@ -2,7 +2,7 @@
 
 It takes objects, not names: a diffusers pipeline, a ``{label: Policy}`` dict and a
 ``{label: reward callable}`` dict (``reward(images, prompts) -> scores``), so ``tpm`` core never
-imports ``policies`` or ``rewards``; ``tpm compare`` and :func:`tpm.compare` (in :mod:`tpm.cli`)
+imports ``policies`` or ``rewards``; ``tpm compare`` and :func:`tpm.compare` (in :mod:`tpm.app.cli`)
 turn names into those objects.
 
 Same noise: image (prompt i, seed s) starts from ``torch.Generator("cpu").manual_seed(s)``
@@ -194,13 +194,7 @@ def run(
     over its images), image (path relative to ``out``), and one float per reward.
     ``sample_fn`` defaults to :func:`tpm.sample` (tests may wrap it to count calls).
     """
-    if not policies:
-        raise CompareError("no policies to compare")
-    if not rewards:
-        raise CompareError("no rewards given: a comparison needs at least one metric")
-    reserved = {"policy", "steps", "prompt_index", "seed", "prompt", "nfe", "time_s", "image"}
-    if reserved & set(rewards):
-        raise CompareError(f"reward labels {sorted(reserved & set(rewards))} clash with result columns; rename them")
+    _check_inputs(policies, rewards)
     if sample_fn is None:
         from tpm.sampler import sample as sample_fn
     from tpm.backbones import get_backbone
@@ -230,40 +224,70 @@ def run(
             bar.set_postfix_str(f"{label} K={k} prompts {chunk[0]}-{chunk[-1]}")
             prompts = [spec.prompts[i] for i in chunk for _ in spec.seeds]
             gens = [torch.Generator(device="cpu").manual_seed(s) for _ in chunk for s in spec.seeds]
-            last_nfe = [float(k)]  # denoiser evaluations per image, from the sampler's step callback
-
-            def count(step_out, last_nfe=last_nfe):
-                last_nfe[0] = float(step_out.nfe)
-
-            t0 = time.perf_counter()
-            try:
-                res = sample_fn(pipe, prompts, policy=policies[label], num_inference_steps=k, height=spec.height,
-                                width=spec.width, generator=gens, output_type="pil", return_trajectory=want_fields,
-                                callback=count, **cfg)
-            except ValueError as e:  # PolicyError / BackboneError: the user's policy or settings
-                raise CompareError(f"policy {label!r} at {k} steps: {e}") from e
-            per_image = (time.perf_counter() - t0) / len(prompts)
-            nfe = last_nfe[0]
+            res, nfe, per_image = _sample_unit(sample_fn, pipe, policies[label], label, k, prompts, gens, spec,
+                                               want_fields, cfg)
             images = list(res.images)
             if want_fields:
                 j = (spec.heatmap_prompt - chunk[0]) * len(spec.seeds)
                 _save_fields(fields_path, res.trajectory, j)
             metrics = {name: _scores(fn, name, images, prompts) for name, fn in rewards.items()}
             img_dir = os.path.join("images", slugs[label], f"steps{k}")
-            os.makedirs(os.path.join(out, img_dir), exist_ok=True)
-            lines = []
-            for j, (label_, k_, i, s) in enumerate(keys):
-                rel = os.path.join(img_dir, f"p{i:04d}_s{s}.png")
-                images[j].save(os.path.join(out, rel))
-                row = {"policy": label_, "steps": k_, "prompt_index": i, "seed": s, "prompt": spec.prompts[i],
-                       "nfe": nfe, "time_s": per_image, "image": rel,
-                       **{name: float(v[j]) for name, v in metrics.items()}}
-                done[(label_, k_, i, s)] = row
-                lines.append(json.dumps(row) + "\n")
+            rows = _unit_rows(out, img_dir, keys, images, spec, nfe, per_image, metrics)
+            done.update(zip(keys, rows, strict=True))
             # Rows of a unit land together, after its images: a killed run redoes the whole unit.
-            log.write("".join(lines))
+            log.write("".join(json.dumps(row) + "\n" for row in rows))
             log.flush()
             os.fsync(log.fileno())
+    return _in_order(done, policies, spec)
+
+
+RESULT_COLUMNS = ("policy", "steps", "prompt_index", "seed", "prompt", "nfe", "time_s", "image")
+
+
+def _check_inputs(policies: dict[str, Any], rewards: dict[str, Callable]) -> None:
+    if not policies:
+        raise CompareError("no policies to compare")
+    if not rewards:
+        raise CompareError("no rewards given: a comparison needs at least one metric")
+    reserved = set(RESULT_COLUMNS)
+    if reserved & set(rewards):
+        raise CompareError(f"reward labels {sorted(reserved & set(rewards))} clash with result columns; rename them")
+
+
+def _sample_unit(sample_fn, pipe, policy, label: str, k: int, prompts: list[str], gens: list, spec: RunSpec,
+                 want_fields: bool, cfg: dict) -> tuple[Any, float, float]:
+    """One unit's images: (the sampler's result, denoiser evaluations per image, seconds per image)."""
+    last_nfe = [float(k)]  # denoiser evaluations per image, from the sampler's step callback
+
+    def count(step_out):
+        last_nfe[0] = float(step_out.nfe)
+
+    t0 = time.perf_counter()
+    try:
+        res = sample_fn(pipe, prompts, policy=policy, num_inference_steps=k, height=spec.height,
+                        width=spec.width, generator=gens, output_type="pil", return_trajectory=want_fields,
+                        callback=count, **cfg)
+    except ValueError as e:  # PolicyError / BackboneError: the user's policy or settings
+        raise CompareError(f"policy {label!r} at {k} steps: {e}") from e
+    return res, last_nfe[0], (time.perf_counter() - t0) / len(prompts)
+
+
+def _unit_rows(out: str, img_dir: str, keys: list[tuple], images: list, spec: RunSpec, nfe: float,
+               per_image: float, metrics: dict[str, Any]) -> list[dict]:
+    """Save a unit's images under ``out/img_dir`` and return its rows, one per (label, steps, prompt, seed) key."""
+    os.makedirs(os.path.join(out, img_dir), exist_ok=True)
+    rows = []
+    for j, (label, k, i, s) in enumerate(keys):
+        rel = os.path.join(img_dir, f"p{i:04d}_s{s}.png")
+        images[j].save(os.path.join(out, rel))
+        rows.append({"policy": label, "steps": k, "prompt_index": i, "seed": s, "prompt": spec.prompts[i],
+                     "nfe": nfe, "time_s": per_image, "image": rel,
+                     **{name: float(v[j]) for name, v in metrics.items()}})
+    return rows
+
+
+def _in_order(done: dict[tuple, dict], policies: dict[str, Any], spec: RunSpec) -> list[dict]:
+    """The comparison's rows, by steps, policy (as given), prompt and seed (as given)."""
     order = {label: n for n, label in enumerate(policies)}
     wanted = [(label, k, i, s) for k in spec.steps for label in policies
               for i in range(len(spec.prompts)) for s in spec.seeds]

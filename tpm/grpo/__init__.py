@@ -3,9 +3,9 @@
 Small pieces, one job each: ``config`` (the typed run configuration), ``seeds`` (named seed
 streams), ``reward`` (the reward contract), ``rollout`` (sampling that records decisions),
 ``advantages`` and ``loss`` (the maths), ``checkpoint`` (run folders, exact resume), ``evaluation``
-(held-out scores on fixed noises), wired by ``trainer``; ``recipe`` is the command-line entry the
-scripts in ``recipes/`` call. ``tpm.grpo`` imports neither ``policies`` nor ``rewards`` at module
-level: the recipe passes those objects in.
+(held-out scores on fixed noises), wired by ``trainer``. ``tpm.grpo`` imports neither ``policies``
+nor ``rewards``: the application layer (:mod:`tpm.app.train`, which ``tpm train`` and the scripts in
+``recipes/`` call) builds those objects and passes them in.
 """
 
 from tpm.grpo.advantages import advantage_stats, group_advantages

@@ -1,7 +1,7 @@
 """Group-relative advantages (GRPO; AsyncDiff §3.3 and §4.1): pure functions on tensors.
 
-This is the one implementation of the formula; ``rewards.stats`` uses it too (rewards may import
-tpm, not the other way round).
+This is the one implementation of the formula; the rewards package z-scores metrics
+(``rewards.stats.zscore``) but computes no advantages.
 """
 
 from __future__ import annotations

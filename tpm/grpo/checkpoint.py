@@ -187,6 +187,49 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
             if saved.get(k, "<unset>") != current.get(k, "<unset>")}
 
 
+def resume_changes(config: GRPOConfig, run_config: dict[str, Any] | None = None,
+                   path: str | None = None) -> dict[str, tuple[Any, Any]]:
+    """This run's config against the checkpoint it resumes (``path``, default :func:`resume_checkpoint`):
+    GRPO fields by name, the recipe's settings (``run_config``) as ``run.<key>``. Raises unless the
+    changes are accepted (``accept_config_changes``); returns them."""
+    path = path or resume_checkpoint(config)
+    with open(os.path.join(path, STATE_FILE)) as f:
+        saved = json.load(f)
+    saved_config, current = dict(saved.get("config", {})), config.to_dict()
+    if not current["sample_kwargs"]:  # filled from the pipeline once it loads; the trainer compares it then
+        current.pop("sample_kwargs")
+        saved_config.pop("sample_kwargs", None)
+    changes = config_changes(saved_config, current)
+    changes.update({f"run.{k}": v for k, v in config_changes(saved.get("run_config") or {}, run_config or {}).items()})
+    if changes and not config.accept_config_changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise GRPOConfigError(f"--resume {path}: the config differs from the checkpoint's ({listed}); pass "
+                              "--accept-config-changes to continue with the new values, or restore them")
+    return changes
+
+
+def preflight(config: GRPOConfig, run_config: dict[str, Any] | None = None, *, main: bool = True,
+              barrier=None) -> tuple[bool, dict[str, tuple[Any, Any]]]:
+    """The run folder's checks, the one place both ``tpm train`` (before the model loads) and the trainer
+    (again, for callers that use it directly) run them.
+
+    ``main`` (the main process) locks the folder (the caller releases it with :func:`release_lock`,
+    error or not; re-entrant, so a second preflight in the same process is free) and puts back a run an interrupted ``overwrite`` set
+    aside; then every process refuses a folder holding another run unless resuming or overwriting, and a
+    resume whose config differs from its checkpoint's (:func:`resume_changes`), so that all raise
+    together. ``barrier``: called between the two (``accelerator.wait_for_everyone``). Returns whether
+    the folder holds a run to set aside, and the accepted config changes of a resume.
+    """
+    if main:
+        acquire_lock(config.output_dir)
+        recover(config.output_dir)
+    if barrier is not None:
+        barrier()
+    clear = check_output_dir(config)
+    changes = resume_changes(config, run_config) if config.resume is not None else {}
+    return clear, changes
+
+
 BEST_WEIGHTS = "best_policy.safetensors"
 
 

@@ -8,7 +8,8 @@ It uses only the :class:`tpm.policy.TrainablePolicy` contract of the policy: ``e
 ``log_prob(record)``, ``kl(record, reference)`` and ``decision_stats``.
 
 - Every iteration draws ``batch_size / group_size`` prompts and gives each a group of
-  ``group_size`` samples from different seeded noises; the samples are split over ``accelerate``
+  ``group_size`` samples, each from its own seeded noise (``group_noise="distinct"``) or all from one
+  (``"shared"``, as the ``grpo_flux`` preset does); the samples are split over ``accelerate``
   processes, each rolls out its share with the frozen backbone under ``no_grad``.
 - Rewards are gathered from all processes before the group advantages are computed, so groups
   may span processes; a NaN reward skips the iteration (logged) and training goes on.
@@ -179,11 +180,8 @@ class GRPOTrainer:
     def _prepare_output(self) -> None:
         """Lock the run folder (main process), check it, move a run to overwrite aside, prune leftovers."""
         cfg = self.config
-        if self.accelerator.is_main_process:
-            ckpt.acquire_lock(cfg.output_dir)
-            ckpt.recover(cfg.output_dir)
-        self.accelerator.wait_for_everyone()
-        clear = ckpt.check_output_dir(cfg)
+        clear, self._resume_changes = ckpt.preflight(cfg, self.run_config, main=self.accelerator.is_main_process,
+                                                     barrier=self.accelerator.wait_for_everyone)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             if clear:
@@ -197,16 +195,7 @@ class GRPOTrainer:
 
     def check_resume(self, path: str) -> dict[str, tuple[Any, Any]]:
         """Config changes against checkpoint ``path``; raises unless they are accepted (``accept_config_changes``)."""
-        with open(os.path.join(path, ckpt.STATE_FILE)) as f:
-            saved = json.load(f)
-        changes = ckpt.config_changes(saved.get("config", {}), self.config.to_dict())
-        changes.update({f"run.{k}": v for k, v in ckpt.config_changes(saved.get("run_config") or {},
-                                                                        self.run_config).items()})
-        if changes and not self.config.accept_config_changes:
-            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
-            raise GRPOConfigError(f"--resume {path}: the config differs from the checkpoint's ({listed}); pass "
-                                  "--accept-config-changes to continue with the new values, or restore them")
-        return changes
+        return ckpt.resume_changes(self.config, self.run_config, path)
 
     def save_checkpoint(self) -> str | None:
         """Write checkpoint-<iteration> atomically (main process); returns its path there."""
@@ -472,7 +461,7 @@ class GRPOTrainer:
         cfg, acc = self.config, self.accelerator
         if cfg.resume is not None:
             path = ckpt.resume_checkpoint(cfg)
-            changes = self.check_resume(path)
+            changes = self._resume_changes  # checked by _prepare_output
             self.load_checkpoint(path)
             if acc.is_main_process:
                 accepted = (" with changed " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())

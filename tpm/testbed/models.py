@@ -2,7 +2,7 @@
 assembled from config-built parts, and the loader of the shipped checkpoints.
 
 Parts (all real library classes, only the sizes are small; built with the part builders of
-:mod:`tpm.testing`, which the random test pipelines use too):
+:mod:`tpm.tiny`, which the random test pipelines use too):
 - tokenizer: a word-level ``tokenizers`` model over the domain ``VOCAB`` plus ``<pad>``, ``<eos>``,
   ``<unk>``, wrapped in ``transformers.PreTrainedTokenizerFast``; ``<eos>`` is appended to every
   prompt so CLIP's pooled output (taken at the first ``<eos>``) sees the whole prompt.
@@ -127,7 +127,7 @@ def _vocab() -> list[str]:
 
 def build_tokenizer(vocab: list[str] | None = None, max_length: int = 16):
     """Word-level fast tokenizer over ``vocab`` (default: the domain VOCAB); appends ``<eos>``."""
-    from tpm.testing import word_tokenizer
+    from tpm.tiny import word_tokenizer
 
     return word_tokenizer(vocab if vocab is not None else _vocab(), max_length, specials=SPECIAL_TOKENS,
                           eos_token="<eos>", bos_token=None, sort_words=False, split_punctuation=False,
@@ -135,7 +135,7 @@ def build_tokenizer(vocab: list[str] | None = None, max_length: int = 16):
 
 
 def _clip(cfg: TestbedModelConfig, vocab_size: int, projection: bool):
-    from tpm.testing import clip_text_encoder
+    from tpm.tiny import clip_text_encoder
 
     return clip_text_encoder(vocab_size, cfg.text_dim, layers=cfg.text_layers, heads=4,
                              max_length=cfg.max_sequence_length, projection=projection, pad_token_id=0,
@@ -143,7 +143,7 @@ def _clip(cfg: TestbedModelConfig, vocab_size: int, projection: bool):
 
 
 def _t5(cfg: TestbedModelConfig, vocab_size: int):
-    from tpm.testing import t5_encoder
+    from tpm.tiny import t5_encoder
 
     return t5_encoder(vocab_size, cfg.t5_dim, d_kv=cfg.t5_dim // 4, layers=cfg.text_layers, heads=4, eos_token_id=1,
                       relative_attention_num_buckets=8, relative_attention_max_distance=cfg.max_sequence_length)
@@ -151,7 +151,7 @@ def _t5(cfg: TestbedModelConfig, vocab_size: int):
 
 def build_vae(cfg: TestbedModelConfig):
     """A small ``AutoencoderKL`` (untrained; ``tpm.testbed.train.train_vae`` fits it)."""
-    from tpm.testing import autoencoder
+    from tpm.tiny import autoencoder
 
     return autoencoder(cfg.vae_channels, cfg.latent_channels, sample_size=cfg.resolution,
                        norm_groups=min(8, cfg.vae_channels[0]), scaling_factor=1.0, shift_factor=0.0,
@@ -159,7 +159,7 @@ def build_vae(cfg: TestbedModelConfig):
 
 
 def _transformer(cfg: TestbedModelConfig):
-    from tpm.testing import flux_transformer, sd3_transformer
+    from tpm.tiny import flux_transformer, sd3_transformer
 
     if cfg.backbone == "flux":
         d = cfg.head_dim
@@ -179,7 +179,7 @@ def build_pipeline(cfg: TestbedModelConfig, *, vae=None, vocab: list[str] | None
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from tpm.testing import assemble_pipeline
+    from tpm.tiny import assemble_pipeline
 
     torch.manual_seed(seed)
     tok = build_tokenizer(vocab, cfg.max_sequence_length)
@@ -204,7 +204,7 @@ def build_pipeline(cfg: TestbedModelConfig, *, vae=None, vocab: list[str] | None
 
 def finish_testbed_pipeline(pipe, cfg: TestbedModelConfig) -> None:
     """Eval mode, no progress bar, ``pipe.tpm_defaults`` and ``pipe.tpm_testbed_config`` from ``cfg``."""
-    from tpm.testing import finish_pipeline
+    from tpm.tiny import finish_pipeline
 
     finish_pipeline(pipe, cfg.defaults)
     pipe.default_sample_size = cfg.resolution // cfg.vae_factor  # makes height=None mean cfg.resolution

@@ -83,7 +83,7 @@ class TestbedDefaultsMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        from tpm.testing import finish_pipeline
+        from tpm.tiny import finish_pipeline
 
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         cfg_file = Path(str(pretrained_model_name_or_path)) / TESTBED_FILE

@@ -44,7 +44,7 @@ def build_unet_pipeline(cfg: UNetTestbedConfig, images: torch.Tensor | None = No
     from diffusers import StableDiffusionPipeline
 
     from tpm.testbed.models import load_pipeline
-    from tpm.testing import finish_pipeline, sd_scheduler, unet
+    from tpm.tiny import finish_pipeline, sd_scheduler, unet
 
     src = load_pipeline(cfg.source)
     vae, tok, enc = src.vae, src.tokenizer, src.text_encoder

@@ -1,7 +1,7 @@
 """``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm export-scheduler``, ``tpm train``,
 ``tpm reward-serve``) and :func:`compare`.
 
-This is the one module of ``tpm`` that imports ``policies`` and ``rewards`` (they import ``tpm``,
+Part of :mod:`tpm.app`, the layer that imports ``policies`` and ``rewards`` (they import ``tpm``,
 so the core cannot): it turns policy and reward names into objects, for the commands and for
 :func:`compare`, the Python twin of ``tpm compare``. Models and prompt sets are resolved by
 :mod:`tpm.loading`. Functions here raise; only :func:`main` turns a user error into one line on
@@ -18,11 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from tpm.loading import (
-    LoadError,
     default_model,
     load_model,
     load_prompts,
-    parse_spec,
     subset,
     testbed_domain,
 )
@@ -31,9 +29,9 @@ DEFAULT_POLICIES = ("synchronous", "asyndm", "dm_concave")
 DEFAULT_PROMPTS = "testbed:val"
 # The verifier twice: the fraction of constraints met, and whether all are (GenEval-style accuracy).
 TESTBED_REWARDS = {
-    "shapes": {"verifier": ("testbed", {}), "verifier_all_correct": ("testbed", {"metric": "all_correct"})},
-    "spatial": {"verifier": ("testbed_spatial", {}), "verifier_all_correct": ("testbed_spatial", {"metric": "all_correct"}),
-                "fidelity": ("testbed_fidelity", {})},
+    "shapes": {"verifier": "testbed", "verifier_all_correct": "testbed:metric=all_correct"},
+    "spatial": {"verifier": "testbed_spatial", "verifier_all_correct": "testbed_spatial:metric=all_correct",
+                "fidelity": "testbed_fidelity"},
 }
 
 
@@ -77,24 +75,6 @@ def resolve_policies(specs: str | Sequence | dict) -> dict[str, Any]:
     return pol
 
 
-def parse_reward_spec(spec: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value:key=value`` (values parsed as int / float / bool when they look so)."""
-    from tpm.comparison import CompareError
-
-    try:
-        name, words, kwargs = parse_spec(spec)
-    except LoadError as e:
-        raise CompareError(str(e)) from None
-    if words:
-        import rewards as reward_lib
-
-        if name not in reward_lib.registered_rewards():  # an import path, package.module:Name[:key=value]
-            name, words = f"{name}:{words[0]}", words[1:]
-    if words:
-        raise CompareError(f"reward option {words[0]!r} in {spec!r} must be key=value")
-    return name, kwargs
-
-
 def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool | str) -> dict[str, Any]:
     """``{label: reward callable}`` from names (``name:key=value``), callables or a dict; ``None`` is
     the testbed verifier (and, for the spatial testbed's prompts, its fidelity score), which only
@@ -108,15 +88,14 @@ def resolve_rewards(specs: str | Sequence | dict | None, testbed_prompts: bool |
             raise CompareError("give rewards for this prompt set (e.g. rewards='clipscore'); registered: "
                                f"{', '.join(sorted(reward_lib.registered_rewards()))}")
         domain = "shapes" if testbed_prompts is True else testbed_prompts
-        return {label: reward_lib.load(name, **kw) for label, (name, kw) in TESTBED_REWARDS[domain].items()}
+        return {label: reward_lib.load(spec) for label, spec in TESTBED_REWARDS[domain].items()}
     if isinstance(specs, dict):
         return dict(specs)
     rew = {}
     for r in _as_list(specs):
         if isinstance(r, str):
-            name, kwargs = parse_reward_spec(r)
             try:
-                rew[r] = reward_lib.load(name, **kwargs)
+                rew[r] = reward_lib.load(r)
             except reward_lib.RewardError as e:
                 raise CompareError(str(e)) from None
         elif callable(r):
@@ -362,6 +341,18 @@ def cmd_export_scheduler(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpm", description="Timestep policies for diffusion and flow models")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_sample(sub)
+    _add_compare(sub)
+    _add_export_scheduler(sub)
+    sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
+                   "accelerate launch -m tpm train)")
+    # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
+    sub.add_parser("reward-serve", add_help=False,
+                   help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
+    return p
+
+
+def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="sample images with a policy and write PNGs")
     s.add_argument("--model", default=None, help="pipeline path / hub id, testbed:flux|sd3|flux-asyncpatch|unet|spatial, or tiny:flux|sd3")
     s.add_argument("--lora", action="append", default=None,
@@ -387,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AsyncPatch input guidance strength for inpainting (0 = off; costs a second call per step)")
     s.add_argument("--input-guidance-time", type=float, default=1.0,
                    help="time the known region is re-noised to for input guidance, in (0, 1]")
+
+
+def _add_compare(sub) -> None:
     c = sub.add_parser("compare", help="compare policies on a prompt set with the same seeds (table, grid, plots)")
     c.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                    help="comma-separated policy names, exported policy or scheduler (tpm export-scheduler) "
@@ -418,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="discard the cache in --out instead of resuming")
     c.add_argument("--add-to-card", action="append", metavar="POLICY_DIR",
                    help="put summary.md into this exported policy folder's README.md card (repeat for several)")
+
+
+def _add_export_scheduler(sub) -> None:
     e = sub.add_parser("export-scheduler", help="export a policy as a diffusers scheduler folder for the unchanged "
                        "pipeline (pipe.scheduler = tpm.schedulers.from_pretrained(DIR))")
     e.add_argument("policy", help="policy name, exported policy directory or Hub repo id org/name[@rev]")
@@ -438,12 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--height", type=int, default=None, help="image height (matters under dynamic shifting)")
     e.add_argument("--width", type=int, default=None)
     e.add_argument("--device", default=None)
-    sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
-                   "accelerate launch -m tpm.train)")
-    # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
-    sub.add_parser("reward-serve", add_help=False,
-                   help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["reward-serve"]:
         return cmd_reward_serve(argv[1:])
     parser = build_parser()
-    if argv[:1] == ["train"]:  # its own parser: every config field is a flag (tpm.recipe)
-        from tpm.train import main as train_main
+    if argv[:1] == ["train"]:  # its own parser: every config field is a flag (tpm.app.recipe)
+        from tpm.app.train import main as train_main
 
         train_main(argv[1:], prog="tpm train")
         return 0

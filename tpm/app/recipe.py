@@ -13,9 +13,10 @@ whole):
    ``--grpo.learning_rate``, ``--policy-options '{"width": 64}'`` or ``width=64,layers=2``).
 
 Every value is converted to its field's type and checked (:mod:`tpm.typed_config`); an error names
-the field and where it came from. Rewards are ``name -> weight``; a name is a registered reward or
-an import path ``package.module:Name`` (:func:`rewards.load`). On the command line ``--rewards``
-takes ``a,b`` (equal weights), ``a=0.7,b=0.3`` or a JSON mapping.
+the field and where it came from. Rewards are ``spec -> weight``; a spec names a reward as everywhere
+else (:func:`rewards.load`): a registered name or an import path ``package.module:Name``, with
+``:key=value`` options. On the command line ``--rewards`` takes ``a,b`` (equal weights),
+``a=0.7,b=0.3`` or a JSON mapping.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import policies  # noqa: F401  (registers the policies a run can name)
+from tpm.app import trl_names
 from tpm.grpo.config import GRPOConfig
+from tpm.policy import trainable_policies
 from tpm.typed_config import ConfigError, add_flags, build, coerce, convert, field_types, merge, read_yaml
 
-TRAINABLE = ("field", "tpm", "velocity_scale")
+TRAINABLE = tuple(trainable_policies())
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_PRESET = "grpo_flux"
 BASE_KEY = "base"  # a YAML file's base: a preset name, or null for the field defaults
@@ -43,9 +48,9 @@ class RecipeConfig:
     lora: a LoRA adapter (folder or hub id) loaded into the frozen backbone; None = none.
     prompt_cache: encode the training and eval prompts once (:mod:`tpm.prompt_cache`) and free the text
     encoders from the device; prompt_cache_file: where the embeddings are kept (safetensors).
-    policy: trainable policy name ("field", "tpm", "velocity_scale"); policy_options: its constructor
+    policy: trainable policy name (:data:`TRAINABLE`); policy_options: its constructor
     options (token/text widths and the token grid are read from the pipeline).
-    warm_start: a fixed policy the field policy imitates before GRPO, as {"policy": name, **options};
+    warm_start: a fixed policy a policy that takes one (``takes_warm_start``, the field policy) imitates before GRPO, as {"policy": name, **options};
     warm_start_prompts / warm_start_iterations: how many training prompts it is run on, fitting steps.
     rewards: name -> weight (several are z-scored and summed, AsyncDiff Eq. 16); a name is a
     registered reward or an import path "package.module:Name"; reward_options: name -> options.
@@ -114,9 +119,10 @@ class RecipeConfig:
         need(not bad, f"rewards: weights must be finite and non-zero, got {bad}")
         unknown = sorted(set(self.reward_options) - set(self.rewards))
         need(not unknown, f"reward_options given for {unknown}, which have no weight in rewards")
-        need(self.warm_start is None or self.policy == "field",
-             f"warm_start imitates a fixed policy with the field policy; policy is {self.policy!r} (set warm_start: "
-             "null, or policy: field)")
+        warm = [name for name, cls in trainable_policies().items() if cls.takes_warm_start]
+        need(self.warm_start is None or self.policy in warm,
+             f"warm_start imitates a fixed policy with a policy that takes a warm start ({', '.join(warm)}); policy is "
+             f"{self.policy!r} (set warm_start: null, or policy: {warm[0] if warm else '...'})")
         for what, spec in ([("warm_start", self.warm_start)] if self.warm_start is not None else []) + \
                 [(f"baselines[{label!r}]", spec) for label, spec in self.baselines.items()]:
             need(isinstance(spec, dict) and isinstance(spec.get("policy"), str),
@@ -144,8 +150,9 @@ def preset_path(name: str) -> str:
 
 
 def _layers(data: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> list[tuple[dict, str]]:
-    """The (mapping, source) layers a YAML mapping stands for, its ``base`` chain first."""
-    data = dict(data)
+    """The (mapping, source) layers a YAML mapping stands for, its ``base`` chain first; trl's names are
+    read as ours (:mod:`tpm.app.trl_names`)."""
+    data = trl_names.translate(dict(data), source, {f.name for f in dataclasses.fields(RecipeConfig)})
     if BASE_KEY not in data:
         return [(data, source)]
     base = data.pop(BASE_KEY)
@@ -178,23 +185,41 @@ def _flatten(layers: list[tuple[dict, str]]) -> dict[str, Any]:
 
 
 # ---- rewards on the command line -------------------------------------------------------------------
+def _weighted(part: str) -> tuple[str, str | None]:
+    """``SPEC=WEIGHT`` -> (SPEC, WEIGHT); a reward spec alone -> (spec, None). A spec's own options are
+    ``key=value`` too (``clipscore:device=cuda``), so the text after the last ``=`` is a weight only when
+    the text before it is a whole spec: every word after the name (and an import path's attribute) is
+    ``key=value``."""
+    import rewards
+
+    spec, eq, weight = part.rpartition("=")
+    if not eq:
+        return part, None
+    try:
+        rewards.parse_reward_spec(spec)
+    except rewards.RewardError:
+        return part, None  # "clipscore:scale=2": the "=" belongs to an option
+    return spec.strip(), weight
+
+
 def parse_reward_weights(value: Any, name: str = "rewards") -> dict[str, float]:
-    """``a,b`` (equal weights), ``a=0.7,b=0.3``, a JSON / YAML mapping, or a list of names."""
+    """``a,b`` (equal weights), ``a=0.7,b=0.3``, a JSON / YAML mapping, or a list of names. A reward is named
+    as everywhere (:func:`rewards.parse_reward_spec`): ``clipscore:device=cuda=0.5`` weighs
+    ``clipscore:device=cuda`` 0.5."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{"):
             return coerce(text, dict[str, float], name)
-        parts = [p.strip() for p in text.split(",") if p.strip()]
+        parts = [_weighted(p.strip()) for p in text.split(",") if p.strip()]
         if not parts:
             raise ConfigError(f"{name} is empty; name at least one reward (e.g. testbed)")
-        if all("=" not in p for p in parts):
-            return {p: 1.0 / len(parts) for p in parts}
+        if all(weight is None for _, weight in parts):
+            return {spec: 1.0 / len(parts) for spec, _ in parts}
         out = {}
-        for p in parts:
-            reward, eq, weight = p.rpartition("=")
-            if not eq or not reward:
-                raise ConfigError(f"{name}: {p!r} has no weight; give every reward as NAME=WEIGHT, or none")
-            out[reward.strip()] = coerce(weight, float, f"{name}[{reward.strip()!r}]")
+        for spec, weight in parts:
+            if weight is None or not spec:
+                raise ConfigError(f"{name}: {spec!r} has no weight; give every reward as NAME=WEIGHT, or none")
+            out[spec] = coerce(weight, float, f"{name}[{spec!r}]")
         return out
     if isinstance(value, (list, tuple)):
         return parse_reward_weights(",".join(str(v) for v in value), name)
@@ -215,6 +240,8 @@ def _flag_names() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     for f in dataclasses.fields(GRPOConfig):
         flat = f"--{f.name.replace('_', '-')}"
         grpo[f.name] = [*([flat] if flat not in taken else []), f"--grpo.{f.name}"]
+    for flag, name in trl_names.TRL_FLAGS.items():  # trl's spelling of the same setting
+        grpo[name].append(flag)
     return recipe, grpo
 
 
@@ -254,7 +281,8 @@ def resolve(args: argparse.Namespace) -> RecipeConfig:
             key = dest[len(_RECIPE):]
             top[key] = parse_reward_weights(value, key) if key == "rewards" else value
         elif dest.startswith(_GRPO):
-            grpo[dest[len(_GRPO):]] = value
+            key = dest[len(_GRPO):]
+            grpo[key] = trl_names.scale_value(value) if key == "advantage_scale" else value
     if top or grpo:
         layers.append(({**top, **({"grpo": grpo} if grpo else {})}, "command line"))
     merged: dict[str, Any] = {}
@@ -271,6 +299,7 @@ def resolve(args: argparse.Namespace) -> RecipeConfig:
 def parse_args(argv: list[str] | None = None, defaults: str | None = None, description: str = "",
                prog: str | None = None) -> RecipeConfig:
     """The run's config from ``argv`` over preset ``defaults`` (``--preset`` overrides it)."""
+    trl_names.flag_notes(sys.argv[1:] if argv is None else argv)
     return resolve(build_parser(description, defaults or DEFAULT_PRESET, prog).parse_args(argv))
 
 
