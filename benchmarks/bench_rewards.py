@@ -56,7 +56,8 @@ def memory_report(args) -> dict:
         "benchmark": f"reward loading peak RSS ({args.size} sizes, random weights in the official formats, CPU)",
         "torch": torch.__version__, "machine": platform.machine(),
         "note": "baseline = RSS after imports and tokenizers, when VmHWM is reset; load_growth_over_weights = "
-                "(peak during loading - baseline) / weights; peak_over_weights = whole-process peak (load and "
+                "(peak during loading - baseline) / weights; growth_over_weights = (whole-process peak - baseline) / "
+                "weights; peak_over_weights = whole-process peak (load and "
                 "scoring two images) / weights",
         "results": results,
     }

@@ -233,6 +233,7 @@ def measure(target: str, route: str, folder: str, size: str) -> dict:
         "baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(peak_mb(), 1),
         "load_peak_rss_mb": round(load_peak, 1),
         "load_growth_over_weights": round((load_peak - baseline) / weights, 3),
+        "growth_over_weights": round((peak_mb() - baseline) / weights, 3),
         "peak_over_weights": round(peak_mb() / weights, 3),
         "scores_finite": bool(torch.isfinite(scores).all()),
     }
