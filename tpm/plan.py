@@ -14,7 +14,8 @@ launcher's environment. The memory figure per device is an estimate, by this for
   ``B x T x d x 12 x bytes`` (queries, keys, values, the attention output and the 4x-wide MLP of
   one block, and the residual stream) plus the attention scores when they are materialised,
   ``B x heads x T^2 x bytes`` (CPU's attention does; GPU flash kernels do not, so they are listed
-  apart), with ``B = rollout_batch_size`` (x 2 with true CFG), ``T`` image + text tokens,
+  apart), with ``B = rollout_batch_size`` (x 2 with true CFG: Flux's ``true_cfg_scale``, SD3's
+  ``guidance_scale``), ``T`` image + text tokens,
   ``d`` the transformer width; plus the decoded images, ``B x 3 x H x W x 4`` bytes.
 
 Rewards are not counted: a reward in the trainer runs on its ``device`` option (CPU by default) in
@@ -98,6 +99,8 @@ def model_configs(spec: str) -> tuple[dict[str, int], dict[str, Any]] | None:
                 from transformers import AutoConfig
 
                 model = cls._from_config(AutoConfig.from_pretrained(os.path.dirname(cfg_path)))
+        if hasattr(model, "tie_weights"):  # T5 shares its input embedding; transformers ties it after init
+            model.tie_weights()
         counts[name] = sum(p.numel() for p in model.parameters())
     return counts, {"pipeline": index.get("_class_name", ""),
                     "transformer": _read(_config_file(spec, "transformer/config.json")) or {},
@@ -121,6 +124,14 @@ def _geometry(cfg, configs: dict[str, Any]) -> dict[str, Any]:
             "width_d": heads * transformer.get("attention_head_dim", 128), "heads": heads}
 
 
+def _cfg_doubles(sample_kwargs: dict, configs: dict[str, Any]) -> bool:
+    """Whether the transformer sees each sample twice (CFG's negative branch in the same batch): Flux's
+    true CFG, and SD3's guidance_scale (true CFG there; the pipeline's default is 7)."""
+    if (sample_kwargs.get("true_cfg_scale") or 0) > 1:
+        return True
+    return configs["pipeline"].startswith("StableDiffusion3") and (sample_kwargs.get("guidance_scale") or 7.0) > 1
+
+
 def estimate(cfg, processes: int) -> dict[str, Any]:
     """The plan as a dict (see the module docstring for the memory formula); sizes in bytes. ``params`` and
     ``memory`` are None when the model's configs are not readable here."""
@@ -134,7 +145,7 @@ def estimate(cfg, processes: int) -> dict[str, Any]:
     params, configs = found
     geo = _geometry(cfg, configs)
     bytes_ = DTYPE_BYTES[cfg.dtype]
-    b = min(g.rollout_batch_size, local) * (2 if (g.sample_kwargs.get("true_cfg_scale") or 0) > 1 else 1)
+    b = min(g.rollout_batch_size, local) * (2 if _cfg_doubles(g.sample_kwargs, configs) else 1)
     t = geo["image_tokens"] + geo["text_tokens"]
     # with the prompt cache the text encoders leave the device once the prompts are encoded
     on_device = {k: v for k, v in params.items() if not (cfg.prompt_cache and k.startswith("text_encoder"))}
@@ -197,6 +208,8 @@ def describe(cfg, processes: int, device: str) -> str:
 
 def _where(cfg, name: str) -> str:
     options = cfg.reward_options.get(name, {})
+    if ":" in name:
+        return f"{name} (weight {cfg.rewards[name]:g}): by import path, in every process, where its code puts it"
     if name == "remote":
         return f"remote (weight {cfg.rewards[name]:g}): on the reward server at {options.get('url', 'http://127.0.0.1:8765')}"
     device = options.get("device", "cpu")
