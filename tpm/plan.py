@@ -18,9 +18,9 @@ launcher's environment. The memory figure per device is an estimate, by this for
   ``guidance_scale``), ``T`` image + text tokens, ``d`` the transformer width; attention scores,
   ``B x heads x T^2 x bytes``, are listed apart: only an eager attention backend materialises them
   (torch's SDPA does not, on CPU or GPU); plus the decoded images, ``B x 3 x H x W x 4`` bytes;
-- **VAE decode** of the rollout batch (its images at once): ``B x H x W x 2200 x bytes / 2`` (the
-  SD3/Flux AutoencoderKL measured at 512^2 and 1024^2; the first image of a batch costs that, each
-  further one less, so this bounds it from above).
+- **VAE decode** of the rollout batch (its images at once): ``H x W x (2200 + (B - 1) x 1000) x bytes / 2``
+  (the SD3/Flux AutoencoderKL measured at 512^2 and 1024^2: the first image of a batch costs about
+  2200 bytes per pixel, each further one about 1000).
 
 Rewards are not counted: a reward in the trainer runs on its ``device`` option (CPU by default) in
 every process; a ``remote`` reward runs in its server, on that server's device.
@@ -35,7 +35,7 @@ from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ACTIVATION_COPIES = {"flux": 28, "sd3": 21}  # measured at the real widths (module docstring)
-VAE_DECODE_BYTES_PER_PIXEL = 2200  # per image at 2-byte dtypes, measured (module docstring)
+VAE_DECODE_BYTES_PER_PIXEL = (2200, 1000)  # first image, each further one; 2-byte dtypes; measured
 
 
 def _config_file(spec: str, name: str) -> str | None:
@@ -152,6 +152,7 @@ def estimate(cfg, processes: int) -> dict[str, Any]:
     geo = _geometry(cfg, configs)
     bytes_ = DTYPE_BYTES[cfg.dtype]
     images = min(g.rollout_batch_size, local)
+    first, further = VAE_DECODE_BYTES_PER_PIXEL
     b = images * (2 if _cfg_doubles(g.sample_kwargs, configs) else 1)
     t = geo["image_tokens"] + geo["text_tokens"]
     # with the prompt cache the text encoders leave the device once the prompts are encoded
@@ -159,7 +160,7 @@ def estimate(cfg, processes: int) -> dict[str, Any]:
     memory = {"weights": sum(on_device.values()) * bytes_,
               "activations": b * t * geo["width_d"] * ACTIVATION_COPIES[geo["family"]] * bytes_
               + b * 3 * geo["height"] * geo["width"] * 4,
-              "decode": images * geo["height"] * geo["width"] * VAE_DECODE_BYTES_PER_PIXEL * bytes_ // 2,
+              "decode": geo["height"] * geo["width"] * (first + (images - 1) * further) * bytes_ // 2,
               "attention_scores": b * geo["heads"] * t * t * bytes_}
     return {**out, "params": params, "memory": memory, "geometry": geo, "rollout_batch": b}
 

@@ -51,7 +51,7 @@ def test_memory_estimate_counts_parameters_from_the_config_alone(tmp_path):
     # no VAE config here: the default factor 8 -> 16 pixels per token side; 512 T5 tokens for Flux
     assert plan["geometry"]["image_tokens"] == 1024 and plan["geometry"]["text_tokens"] == 512
     assert plan["memory"]["activations"] == 4 * 1536 * 3072 * 28 * 2 + 4 * 3 * 512 * 512 * 4
-    assert plan["memory"]["decode"] == 4 * 512 * 512 * 2200  # 4 images decoded at once, 2-byte dtype
+    assert plan["memory"]["decode"] == 512 * 512 * (2200 + 3 * 1000)  # 4 images decoded at once, 2-byte dtype
 
 
 def test_sd3_guidance_doubles_the_rollout_batch(tmp_path):
