@@ -3,6 +3,11 @@
 Builds an open_clip CLIP from config with random weights (no download) behind the ``clipscore``
 reward and prints JSON: images per second for one-by-one calls and for internal batch sizes, and
 the speed-up. Usage: ``python benchmarks/bench_rewards.py [--images 16] [--repeats 2] [--out f.json]``.
+
+``--memory`` instead prints the peak RSS of loading each reward and the composite of all four, before
+(``legacy``: the pre-``rewards.lean_load`` loaders) and after (``lean``), against the bytes of the
+weights (``benchmarks/reward_memory.py``); ``--size real`` is the released architectures (up to
+~15 GB peak for the legacy composite), ``--size mid`` a quick stand-in.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 
 import torch
@@ -39,13 +46,50 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def memory_report(args) -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+    from benchmarks.reward_memory import run
+
+    folder = os.path.join(args.checkpoints, args.size)
+    results = run(args.rewards, args.routes, folder, args.size)
+    report = {
+        "benchmark": f"reward loading peak RSS ({args.size} sizes, random weights in the official formats, CPU)",
+        "torch": torch.__version__, "machine": platform.machine(),
+        "note": "baseline = RSS after imports and tokenizers, when VmHWM is reset; load_growth_over_weights = "
+                "(peak during loading - baseline) / weights; growth_over_weights = (whole-process peak - baseline) / "
+                "weights; peak_over_weights = whole-process peak (load and "
+                "scoring two images) / weights",
+        "results": results,
+    }
+    _emit(report, args.out)
+    return report
+
+
+def _emit(report: dict, out: str | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=16, help="images scored per measurement")
     p.add_argument("--repeats", type=int, default=2, help="measurements per setting (median reported)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16], help="internal batch sizes")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--memory", action="store_true", help="measure peak RSS of loading instead of throughput")
+    p.add_argument("--size", choices=["real", "mid"], default="real", help="--memory: model sizes")
+    p.add_argument("--rewards", nargs="+", default=["clipscore", "hpsv2", "imagereward", "pickscore", "composite"],
+                   help="--memory: rewards to load (composite: all four)")
+    p.add_argument("--routes", nargs="+", choices=["legacy", "lean"], default=["legacy", "lean"],
+                   help="--memory: legacy = before rewards.lean_load, lean = now")
+    p.add_argument("--checkpoints", default=os.path.join(tempfile.gettempdir(), "tpm_bench_reward_checkpoints"),
+                   help="--memory: folder for the random-weight checkpoints (kept for reruns; ~14 GB at real size)")
     args = p.parse_args(argv)
+    if args.memory:
+        return memory_report(args)
 
     import open_clip
 
@@ -82,11 +126,7 @@ def main(argv=None) -> dict:
         "speedup_best_batch_vs_one_by_one": round(best / results["one_by_one"], 2),
         "max_abs_diff_batched_vs_one_by_one": max_diff,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    _emit(report, args.out)
     return report
 
 

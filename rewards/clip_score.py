@@ -15,6 +15,7 @@ preprocess configuration: resize mode, interpolation, size, mean/std), applied t
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rewards.base import RewardError, RewardModel, per_image, register_reward
+from rewards.lean_load import assigning, check_loaded, empty_model
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,6 +86,42 @@ class OpenCLIPReward(RewardModel):
         return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 
+class _DropRandomInitNotice(logging.Filter):
+    # open_clip logs "initialized randomly" for a model built without weights; ours get theirs next.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+def empty_open_clip(model_name: str, **create_kwargs) -> torch.nn.Module:
+    """open_clip model ``model_name`` with parameters on the meta device (see ``rewards.lean_load``)."""
+    import open_clip
+
+    notice = _DropRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        with empty_model():
+            # pretrained_text=False: a hub text tower would otherwise fetch its base weights.
+            return open_clip.create_model(model_name, pretrained=None, device="meta", pretrained_text=False,
+                                          **create_kwargs)
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
+def load_open_clip(model_name: str, checkpoint: str, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None) -> torch.nn.Module:
+    """``open_clip.create_model(model_name, pretrained=checkpoint)`` (a local file, with ``mean`` / ``std``
+    overriding the preprocessing) at about 1x the weights: open_clip's own checkpoint reading and
+    key conversions, but assigning the tensors to an empty model instead of copying them."""
+    import open_clip
+
+    force = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
+    model = empty_open_clip(model_name, force_preprocess_cfg=force)
+    with assigning(model):
+        open_clip.load_checkpoint(model, checkpoint, strict=True)
+    check_loaded(model, "clipscore", checkpoint)
+    return model
+
+
 @register_reward("clipscore")
 class CLIPScore(OpenCLIPReward):
     """CLIP score: ``scale * cos(E_img(x), E_txt(prompt))``.
@@ -127,8 +165,12 @@ class CLIPScore(OpenCLIPReward):
                 ) from None
             extra = {k: cfg[k] for k in ("mean", "std") if k in cfg}
         try:
+            if os.path.isfile(source):
+                return load_open_clip(self.model_name, source, mean=extra.get("mean"), std=extra.get("std"))
             model, _, _ = open_clip.create_model_and_transforms(
                 self.model_name, pretrained=source, image_mean=extra.get("mean"), image_std=extra.get("std"))
+        except RewardError:
+            raise
         except Exception as e:  # open_clip raises RuntimeError/OSError/hub errors alike
             raise RewardError(
                 f"clipscore: could not load open_clip model {self.model_name!r} with pretrained="

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from rewards.base import RewardError, normalize, register_reward, resolve_file, to_uint8
-from rewards.clip_score import OPENAI_MEAN, OPENAI_STD, OpenCLIPReward
+from rewards.clip_score import OPENAI_MEAN, OPENAI_STD, OpenCLIPReward, empty_open_clip
+from rewards.lean_load import check_loaded
 
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HPS_REPO = "xswu/HPSv2"
@@ -70,8 +71,6 @@ class HPSv2(OpenCLIPReward):
         self.checkpoint = checkpoint
 
     def _build_model(self) -> torch.nn.Module:
-        import open_clip
-
         filename = HPS_FILES[self.hps_version]
         path = resolve_file(self.checkpoint, filename, "hpsv2", "checkpoint")
         try:
@@ -82,9 +81,9 @@ class HPSv2(OpenCLIPReward):
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         # The fork saved weights of a DataParallel model in some releases.
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        model = open_clip.create_model(self.model_name, pretrained=None)
+        model = empty_open_clip(self.model_name)  # no random weights: the checkpoint's tensors become the model's
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as e:  # shape mismatches
             raise RewardError(f"hpsv2: checkpoint {path!r} does not fit open_clip {self.model_name!r}: "
                               f"{str(e)[:300]}; is it an HPSv2 checkpoint?") from None
@@ -93,6 +92,7 @@ class HPSv2(OpenCLIPReward):
                 f"hpsv2: checkpoint {path!r} does not fit open_clip {self.model_name!r}: missing "
                 f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; is it an HPSv2 checkpoint?"
             )
+        check_loaded(model, "hpsv2", path)
         return model
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from rewards.base import (
 )
 from rewards.clip_score import OPENAI_MEAN, OPENAI_STD
 from rewards.imagereward_mapping import MLP_SIZES, MappingError, convert_state_dict
+from rewards.lean_load import check_loaded, empty_model
 
 REWARD_MEAN = 0.16717362830052426  # constants of the official release (score normalisation)
 REWARD_STD = 1.0333394966054072
@@ -118,10 +119,11 @@ class ImageRewardNet(nn.Module):
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.state_dict().items()}
 
-    def load_official_state_dict(self, official: dict[str, torch.Tensor]) -> None:
-        """Load an official ``ImageReward.pt`` state dict through the checked name mapping."""
+    def load_official_state_dict(self, official: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load an official ``ImageReward.pt`` state dict through the checked name mapping; ``assign``:
+        the checkpoint's tensors become the parameters (for a model built by ``rewards.lean_load.empty_model``)."""
         ours = convert_state_dict(official, self.parameter_shapes())
-        self.load_state_dict(ours, strict=True)
+        self.load_state_dict(ours, strict=True, assign=assign)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
@@ -172,11 +174,14 @@ class ImageReward(RewardModel):
             except Exception as e:
                 raise RewardError(f"imagereward: could not read checkpoint {path!r} ({type(e).__name__}: {e}); "
                                   "download ImageReward.pt again from hub repo THUDM/ImageReward") from None
-            model = ImageRewardNet(self.config)
+            with empty_model():  # no random weights: the checkpoint's tensors become the model's
+                model = ImageRewardNet(self.config)
             try:
-                model.load_official_state_dict(state)
+                model.load_official_state_dict(state, assign=True)
             except MappingError as e:
                 raise RewardError(f"imagereward: {path!r}: {e}\nconfig used: {asdict(self.config)}") from None
+            del state
+            check_loaded(model, "imagereward", path)
             self.model = model
         if self.tokenizer is None:
             self.tokenizer = blip_tokenizer(self.tokenizer_id)

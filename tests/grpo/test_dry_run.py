@@ -50,4 +50,25 @@ def test_memory_estimate_counts_parameters_from_the_config_alone(tmp_path):
     assert plan["memory"]["weights"] == 2 * n and plan["local_batch"] == 8
     # no VAE config here: the default factor 8 -> 16 pixels per token side; 512 T5 tokens for Flux
     assert plan["geometry"]["image_tokens"] == 1024 and plan["geometry"]["text_tokens"] == 512
-    assert plan["memory"]["activations"] == 4 * 1536 * 3072 * 12 * 2 + 4 * 3 * 512 * 512 * 4
+    assert plan["memory"]["activations"] == 4 * 1536 * 3072 * 28 * 2 + 4 * 3 * 512 * 512 * 4
+    assert plan["memory"]["decode"] == 512 * 512 * (2200 + 3 * 1000)  # 4 images decoded at once, 2-byte dtype
+
+
+def test_sd3_guidance_doubles_the_rollout_batch(tmp_path):
+    """SD3's guidance_scale is true CFG (negative branch in the same batch); the pipeline's default is 7."""
+    from tpm.app.plan import estimate
+    from tpm.app.recipe import parse_args
+
+    model = tmp_path / "sd3"
+    (model / "transformer").mkdir(parents=True)
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                        "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    (model / "transformer" / "config.json").write_text(json.dumps({
+        "_class_name": "SD3Transformer2DModel", "num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2,
+        "joint_attention_dim": 16, "caption_projection_dim": 16, "pooled_projection_dim": 16, "in_channels": 4,
+        "out_channels": 4, "sample_size": 8, "patch_size": 2, "pos_embed_max_size": 16}))
+    args = ["--model", str(model), "--height", "64", "--width", "64", "--batch-size", "4", "--group-size", "4",
+            "--rollout-batch-size", "2"]
+    assert estimate(parse_args(args), processes=1)["rollout_batch"] == 4
+    no_cfg = parse_args(args + ["--grpo.sample_kwargs", '{"guidance_scale": 1.0}'])
+    assert estimate(no_cfg, processes=1)["rollout_batch"] == 2

@@ -11,11 +11,16 @@ launcher's environment. The memory figure per device is an estimate, by this for
   parameter for the frozen reference when ``kl_coef > 0``; named, not counted (the policy's widths
   follow the loaded backbone; a few MB for the shipped policies);
 - **activations** of one rollout forward without gradients, the largest block alive at once:
-  ``B x T x d x 12 x bytes`` (queries, keys, values, the attention output and the 4x-wide MLP of
-  one block, and the residual stream) plus the attention scores when they are materialised,
-  ``B x heads x T^2 x bytes`` (CPU's attention does; GPU flash kernels do not, so they are listed
-  apart), with ``B = rollout_batch_size`` (x 2 with true CFG), ``T`` image + text tokens,
-  ``d`` the transformer width; plus the decoded images, ``B x 3 x H x W x 4`` bytes.
+  ``B x T x d x copies x bytes`` with ``copies`` = 28 for Flux, 21 for SD3 (queries, keys, values,
+  the attention output, the 4x-wide MLP, the per-token modulation and the residual stream of one
+  block; measured on the CPU at the real widths, ``benchmarks/scaling_memory.py``, docs/scaling.md),
+  with ``B = rollout_batch_size`` (x 2 with true CFG: Flux's ``true_cfg_scale``, SD3's
+  ``guidance_scale``), ``T`` image + text tokens, ``d`` the transformer width; attention scores,
+  ``B x heads x T^2 x bytes``, are listed apart: only an eager attention backend materialises them
+  (torch's SDPA does not, on CPU or GPU); plus the decoded images, ``B x 3 x H x W x 4`` bytes;
+- **VAE decode** of the rollout batch (its images at once): ``H x W x (2200 + (B - 1) x 1000) x bytes / 2``
+  (the SD3/Flux AutoencoderKL measured at 512^2 and 1024^2: the first image of a batch costs about
+  2200 bytes per pixel, each further one about 1000).
 
 Rewards are not counted: a reward in the trainer runs on its ``device`` option (CPU by default) in
 every process; a ``remote`` reward runs in its server, on that server's device.
@@ -29,7 +34,8 @@ import os
 from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-ACTIVATION_COPIES = 12  # see the module docstring
+ACTIVATION_COPIES = {"flux": 28, "sd3": 21}  # measured at the real widths (module docstring)
+VAE_DECODE_BYTES_PER_PIXEL = (2200, 1000)  # first image, each further one; 2-byte dtypes; measured
 
 
 def _config_file(spec: str, name: str) -> str | None:
@@ -98,6 +104,8 @@ def model_configs(spec: str) -> tuple[dict[str, int], dict[str, Any]] | None:
                 from transformers import AutoConfig
 
                 model = cls._from_config(AutoConfig.from_pretrained(os.path.dirname(cfg_path)))
+        if hasattr(model, "tie_weights"):  # T5 shares its input embedding; transformers ties it after init
+            model.tie_weights()
         counts[name] = sum(p.numel() for p in model.parameters())
     return counts, {"pipeline": index.get("_class_name", ""),
                     "transformer": _read(_config_file(spec, "transformer/config.json")) or {},
@@ -118,7 +126,16 @@ def _geometry(cfg, configs: dict[str, Any]) -> dict[str, Any]:
     text += 77 if sd3 else 0  # SD3 joins CLIP's 77 tokens to T5's
     heads = transformer.get("num_attention_heads", 24)
     return {"height": height, "width": width, "image_tokens": (height // ts) * (width // ts), "text_tokens": text,
-            "width_d": heads * transformer.get("attention_head_dim", 128), "heads": heads}
+            "width_d": heads * transformer.get("attention_head_dim", 128), "heads": heads,
+            "family": "sd3" if sd3 else "flux"}
+
+
+def _cfg_doubles(sample_kwargs: dict, configs: dict[str, Any]) -> bool:
+    """Whether the transformer sees each sample twice (CFG's negative branch in the same batch): Flux's
+    true CFG, and SD3's guidance_scale (true CFG there; the pipeline's default is 7)."""
+    if (sample_kwargs.get("true_cfg_scale") or 0) > 1:
+        return True
+    return configs["pipeline"].startswith("StableDiffusion3") and (sample_kwargs.get("guidance_scale") or 7.0) > 1
 
 
 def estimate(cfg, processes: int) -> dict[str, Any]:
@@ -134,13 +151,16 @@ def estimate(cfg, processes: int) -> dict[str, Any]:
     params, configs = found
     geo = _geometry(cfg, configs)
     bytes_ = DTYPE_BYTES[cfg.dtype]
-    b = min(g.rollout_batch_size, local) * (2 if (g.sample_kwargs.get("true_cfg_scale") or 0) > 1 else 1)
+    images = min(g.rollout_batch_size, local)
+    first, further = VAE_DECODE_BYTES_PER_PIXEL
+    b = images * (2 if _cfg_doubles(g.sample_kwargs, configs) else 1)
     t = geo["image_tokens"] + geo["text_tokens"]
     # with the prompt cache the text encoders leave the device once the prompts are encoded
     on_device = {k: v for k, v in params.items() if not (cfg.prompt_cache and k.startswith("text_encoder"))}
     memory = {"weights": sum(on_device.values()) * bytes_,
-              "activations": b * t * geo["width_d"] * ACTIVATION_COPIES * bytes_
+              "activations": b * t * geo["width_d"] * ACTIVATION_COPIES[geo["family"]] * bytes_
               + b * 3 * geo["height"] * geo["width"] * 4,
+              "decode": geo["height"] * geo["width"] * (first + (images - 1) * further) * bytes_ // 2,
               "attention_scores": b * geo["heads"] * t * t * bytes_}
     return {**out, "params": params, "memory": memory, "geometry": geo, "rollout_batch": b}
 
@@ -182,14 +202,15 @@ def describe(cfg, processes: int, device: str) -> str:
                           if not (cfg.prompt_cache and k.startswith("text_encoder")))
         if cfg.prompt_cache:
             parts += "; text encoders off the device after the prompt cache is filled"
-        total = mem["weights"] + mem["activations"]
+        total = mem["weights"] + mem["activations"] + mem["decode"]
         lines += [
             f"images:      {geo['height']}x{geo['width']}, {geo['image_tokens']} image + {geo['text_tokens']} text "
             f"tokens, {g.num_inference_steps or 'the pipeline default'} steps",
             f"memory per device (estimate): {_size(total)} = weights {_size(mem['weights'])} ({parts} parameters "
             f"at {DTYPE_BYTES[cfg.dtype]} bytes) + rollout activations {_size(mem['activations'])} (batch "
-            f"{p['rollout_batch']}); + {_size(mem['attention_scores'])} where attention scores are materialised "
-            "(CPU; not with GPU flash attention); + the policy at 16 bytes per parameter",
+            f"{p['rollout_batch']}) + VAE decode {_size(mem['decode'])}; + {_size(mem['attention_scores'])} "
+            "with an attention backend that materialises scores (eager; not torch's SDPA); + the policy at 16 "
+            "bytes per parameter; docs/scaling.md",
         ]
     lines.append("rewards:     " + "; ".join(_where(cfg, name) for name in cfg.rewards))
     return "\n".join(lines)
@@ -197,6 +218,8 @@ def describe(cfg, processes: int, device: str) -> str:
 
 def _where(cfg, name: str) -> str:
     options = cfg.reward_options.get(name, {})
+    if ":" in name:
+        return f"{name} (weight {cfg.rewards[name]:g}): by import path, in every process, where its code puts it"
     if name == "remote":
         return f"remote (weight {cfg.rewards[name]:g}): on the reward server at {options.get('url', 'http://127.0.0.1:8765')}"
     device = options.get("device", "cpu")
