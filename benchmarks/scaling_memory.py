@@ -134,7 +134,7 @@ def _pipeline(model: str, side: int, depth: int):
     """A pipeline at the real transformer widths, ``depth`` blocks of each kind, tiny text encoders and VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from tpm import testing as T
+    from tpm import tiny as T
 
     tok = T.word_tokenizer(max_length=77)
     text = MODELS[model]["text"] - (77 if model == "sd35-medium" else 0)
