@@ -56,14 +56,14 @@ import torch
 from torch import nn
 
 from policies.layers import Block, encode_sequence, pool_text, read_state
-from policies.masks import object_positions
+from policies.masks import find_objects, object_positions
 from policies.tpm import dims_for_pipeline
 from tpm.distributions import BetaActions, mode_concentration
 from tpm.policy import Action, PolicyError, RunContext, State, TrainablePolicy, register_policy
 
 PARTS = ("grid", "offset", "cond")
 NUM_TEMPORAL = 6
-TOKEN_EXTRA = 3  # x0 change, time, object attention
+TOKEN_EXTRA = 3  # x0 change, time, object attention (+1 with object_order: the first object's share)
 
 
 @dataclass
@@ -79,6 +79,9 @@ class FieldConfig:
     concentration: kappa of the Beta draws at the start (larger = narrower exploration).
     learn_concentration: whether the network may change kappa (by a factor up to e^3 either way).
     use_attention: read the object words' attention (captures ``attention_layers``, default all).
+    object_order: also read, per token, the first-mentioned object word's share of the object words'
+    attention (needs ``use_attention``), so the policy can tell which object a token belongs to and
+    let one object settle before another (per-object order, AsynDM's second item of future work).
     sigma_min: lower cap of the conditioning time. deterministic: "mode" or "mean" when not exploring.
     time_levels: at most this many distinct conditioning times per sample reach the backbone (finer
     fields are snapped, :mod:`tpm.backbones.modulation`), which bounds the per-token modulation cost
@@ -103,6 +106,7 @@ class FieldConfig:
     concentration: float = 16.0
     learn_concentration: bool = False
     use_attention: bool = False
+    object_order: bool = False
     attention_layers: list[int] | None = None
     objects: list[str] | None = None
     sigma_min: float = 1e-3
@@ -135,6 +139,8 @@ class FieldConfig:
             raise PolicyError(f"field policy config: sigma_min must lie in [0, 1), got {self.sigma_min}")
         if self.deterministic not in ("mode", "mean"):
             raise PolicyError(f"field policy config: deterministic must be 'mode' or 'mean', got {self.deterministic!r}")
+        if self.object_order and not self.use_attention:
+            raise PolicyError("field policy config: object_order reads the object words' attention; set use_attention")
         if not (self.learn_grid or self.token_offsets or self.learn_cond):
             raise PolicyError("field policy config: enable at least one of learn_grid, token_offsets, learn_cond")
 
@@ -191,7 +197,7 @@ class FieldNetwork(nn.Module):
         w = cfg.width
         self.cfg = cfg
         n = cfg.groups[0] * cfg.groups[1]
-        self.token_in = nn.Linear(3 * cfg.token_dim + TOKEN_EXTRA, w)
+        self.token_in = nn.Linear(3 * cfg.token_dim + TOKEN_EXTRA + int(cfg.object_order), w)
         self.token_pos = nn.Parameter(torch.randn(n, w) * 0.02)
         self.text_in = nn.Linear(cfg.text_dim, w)
         self.text_pos = nn.Parameter(torch.randn(cfg.text_tokens, w) * 0.02)
@@ -306,6 +312,22 @@ class FieldPolicy(TrainablePolicy):
                 out[i] = m / m.max().clamp(min=1e-12)
         return out
 
+    def _first_object_share(self, state: State) -> torch.Tensor:
+        """(B, h, w) the first-mentioned object word's share of the object words' summed attention,
+        in [0, 1]; zeros for a sample with fewer than two distinct object words or without maps."""
+        b, (h, w) = state.batch_size, state.grid
+        out = torch.zeros(b, h, w, device=state.tau.device)
+        if state.attention is None or state.text_words is None:
+            return out
+        for i, (prompt, words) in enumerate(zip(state.prompts, state.text_words)):
+            names = list(dict.fromkeys(self.config.objects or find_objects(prompt)))  # distinct, prompt order
+            groups = [g for g in (object_positions(prompt, words, [o]) for o in names) if g]
+            if len(groups) < 2:
+                continue
+            maps = torch.stack([state.attention[i, g].float().mean(0) for g in groups])
+            out[i] = (maps[0] / maps.sum(0).clamp(min=1e-12)).to(out.device)
+        return out
+
     def inputs(self, state: State) -> dict[str, torch.Tensor]:
         """The network inputs at ``state`` (detached, float32): what a decision stores for replay."""
         cfg = self.config
@@ -320,8 +342,11 @@ class FieldPolicy(TrainablePolicy):
             change = torch.log10(1e-4 + (x0 - prev_x0).pow(2).mean(-1)) / 4
         tau = state.tau.detach().float()
         attn = self._object_attention(state).reshape(bsz, n) if cfg.use_attention else torch.zeros(bsz, n)
-        feats = torch.cat([lat, vel, x0, change[..., None], tau.reshape(bsz, n, 1),
-                           attn.to(lat.device)[..., None]], dim=-1).reshape(bsz, h, w, -1)
+        extra = [attn.to(lat.device)[..., None]]
+        if cfg.object_order:
+            extra.append(self._first_object_share(state).reshape(bsz, n, 1).to(lat.device))
+        feats = torch.cat([lat, vel, x0, change[..., None], tau.reshape(bsz, n, 1), *extra],
+                          dim=-1).reshape(bsz, h, w, -1)
         tokens = _group_mean(feats, cfg.patch).reshape(bsz, -1, feats.shape[-1])
         k, big_k = state.step, state.num_steps
         sig = state.sigmas.float().to(lat.device)

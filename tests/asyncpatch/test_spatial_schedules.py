@@ -168,7 +168,7 @@ def test_raster_groups_in_order(flux_pipe):
 
 
 def test_cli_inpainting(flux_pipe, tmp_path, monkeypatch, capsys):
-    from tpm import cli
+    from tpm.app import cli
 
     img, mask = _image_and_mask()
     Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "in.png")

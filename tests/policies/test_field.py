@@ -187,3 +187,25 @@ def test_bad_input_fails_clearly(pipe):
         imitate(policy, pipe, "asyndm", PROMPTS, num_inference_steps=2, iterations=1, progress=False)
     with pytest.raises(PolicyError, match="grid must be the token grid"):
         policies.FieldPolicy(token_dim=4, text_dim=32, pooled_dim=32)
+
+
+def test_object_order_input_tells_the_objects_apart(pipe):
+    policy = _field(pipe, use_attention=True, object_order=True)
+    # joint text positions 0..3 belong to prompt words 0..3 of "red circle blue square"; the two
+    # colour+shape pairs attend to the left and the right half of the 16x16 grid
+    att = torch.zeros(2, 4, 16, 16)
+    att[:, :2, :, :8] = 1.0
+    att[:, 2:, :, 8:] = 3.0
+    att[:, :, :, :] += 0.01
+    state = State(step=0, num_steps=3, sigmas=torch.tensor([1.0, 0.7, 0.4, 0.0]), tau=torch.ones(2, 16, 16),
+                  latents=torch.zeros(2, 256, 4), grid=(16, 16), prompts=["red circle blue square", "red circle"],
+                  attention=att, text_words=[[0, 1, 2, 3], [0, 1, -1, -1]])
+    share = policy._first_object_share(state)
+    # object words are the nouns: "circle" (position 1) holds 1.01 of 1.01 + 0.01 ("square", position 3)
+    # on the left and 0.01 of 0.01 + 3.01 on the right; sample 1 has one object: nothing to order
+    assert torch.allclose(share[0, :, :8], torch.full((16, 8), 1.01 / 1.02))
+    assert torch.allclose(share[0, :, 8:], torch.full((16, 8), 0.01 / 3.02))
+    assert torch.equal(share[1], torch.zeros(16, 16))
+    assert policy.net.token_in.in_features == _field(pipe, use_attention=True).net.token_in.in_features + 1
+    with pytest.raises(PolicyError, match="object_order reads the object words' attention"):
+        _field(pipe, object_order=True)
