@@ -12,7 +12,10 @@ to synchronous sampling at the same step count, with 95 % bootstrap intervals ov
 prompt's noise sets averaged). ``--more-steps`` adds synchronous rows at larger step counts, so a
 policy at K steps can be set against synchronous at 2K (AsyncPatch's "fewer steps" claim).
 ``--categories`` keeps only prompts of some grammar categories (e.g. ``two,binding,relation`` for
-per-object order).
+per-object order). ``--against`` adds every row's paired difference (mean metric) to other rows, e.g.
+the best fixed table; ``--pairs "A-B;C-D"`` reports chosen pairs of rows on every metric (a learned
+per-token field against the learned grid of the same seed). Each row's per-prompt means are saved,
+so any other pair can be computed later with the same prompts and noises.
 
 Make choices (variants, strengths, layers) on val prompts; report claims on test prompts with noise
 sets no choice was made on. Prints JSON; ``--out`` also writes ``per_pixel_study.json`` and ``.md``.
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", default="4,20")
     ap.add_argument("--more-steps", default="", help="extra step counts for synchronous rows only")
     ap.add_argument("--noise-sets", default="0,1")
+    ap.add_argument("--against", default="", help="';'-separated rows (specs in --policies, or synchronous) "
+                    "every row is also compared with")
+    ap.add_argument("--pairs", default="", help="';'-separated 'A-B' pairs of rows (use ' - ' when a spec holds '-')")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="")
@@ -103,6 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = Scorer(pipe, prompts, args.batch_size)
     sets = [int(s) for s in args.noise_sets.split(",")]
     specs = [s for s in args.policies.split(";") if s]
+    against = [s for s in args.against.split(";") if s]
+    pairs = [tuple(x.strip() for x in (p.split(" - ") if " - " in p else p.split("-", 1)))
+             for p in args.pairs.split(";") if p]
+    unknown = [s for s in against + [x for p in pairs for x in p] if s != "synchronous" and s not in specs]
+    if unknown:
+        raise SystemExit(f"--against / --pairs name rows that are not in --policies: {unknown}")
     report: dict = {"benchmark": "per_pixel_study", "model": args.model, "prompts": args.prompts,
                     "categories": args.categories or "all", "n_prompts": len(prompts), "noise_sets": sets,
                     "steps": {}, "synchronous_more_steps": {}}
@@ -112,14 +124,22 @@ def main(argv: list[str] | None = None) -> dict:
     for k in (int(s) for s in args.steps.split(",")):
         sync = scorer.scores(None, k, sets)
         rows = {"synchronous": {m: round(float(sync[m].mean()), 4) for m in METRICS}}
+        scores = {"synchronous": sync}
         for spec in specs:
-            sc = scorer.scores(spec, k, sets)
+            sc = scores[spec] = scorer.scores(spec, k, sets)
             rows[spec] = {**{m: round(float(sc[m].mean()), 4) for m in METRICS},
                           **{f"{m}_minus_synchronous": _paired(sc[m], sync[m]) for m in METRICS}}
             for km, sm in more.items():  # against synchronous with more steps
                 rows[spec][f"mean_minus_synchronous_{km}"] = _paired(sc["mean"], sm["mean"])
             print(json.dumps({"steps": k, spec: rows[spec]}), flush=True)
+        for spec in specs:
+            rows[spec]["mean_minus"] = {a: _paired(scores[spec]["mean"], scores[a]["mean"])
+                                        for a in against if a != spec}
         report["steps"][str(k)] = rows
+        report.setdefault("pairs", {})[str(k)] = {
+            f"{a} - {b}": {m: _paired(scores[a][m], scores[b][m]) for m in METRICS} for a, b in pairs}
+        report.setdefault("per_prompt_mean", {})[str(k)] = {
+            name: [round(float(x), 5) for x in sc["mean"]] for name, sc in scores.items()}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -147,6 +167,10 @@ def markdown(r: dict) -> str:
     extra = [f"- {name} at {k} steps minus synchronous at {key.rsplit('_', 1)[1]} steps (mean): {f(*d)}"
              for k, rows in r["steps"].items() for name, v in rows.items()
              for key, d in v.items() if key.startswith("mean_minus_synchronous_")]
+    extra += [f"- {k} steps, {name} minus {other} (mean): {f(*d)}" for k, rows in r["steps"].items()
+              for name, v in rows.items() for other, d in v.get("mean_minus", {}).items()]
+    extra += [f"- {k} steps, {pair}: " + ", ".join(f"{m} {f(*d[m])}" for m in METRICS)
+              for k, ps in r.get("pairs", {}).items() for pair, d in ps.items()]
     if extra:
         lines += [""] + extra
     return "\n".join(lines) + "\n"
