@@ -1,5 +1,5 @@
 """``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm export-scheduler``, ``tpm train``,
-``tpm reward-serve``) and :func:`compare`.
+``tpm search``, ``tpm reward-serve``) and :func:`compare`.
 
 Part of :mod:`tpm.app`, the layer that imports ``policies`` and ``rewards`` (they import ``tpm``,
 so the core cannot): it turns policy and reward names into objects, for the commands and for
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_scheduler(sub)
     sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
                    "accelerate launch -m tpm train)")
+    sub.add_parser("search", add_help=False, help="search the best fixed table in a run's action space on its eval "
+                   "prompts, saved as a policy (tpm search --help; reads the run's config as tpm train does)")
     # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
     sub.add_parser("reward-serve", add_help=False,
                    help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
@@ -476,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         from tpm.app.train import main as train_main
 
         train_main(argv[1:], prog="tpm train")
+        return 0
+    if argv[:1] == ["search"]:  # the run's config flags too (tpm.app.recipe), and the search's own
+        from tpm.app.search import main as search_main
+
+        search_main(argv[1:])
         return 0
     args, rest = parser.parse_known_args(argv)
     if rest:
