@@ -396,7 +396,7 @@ class GRPOTrainer:
             logger.warning("iteration %d: the reward returned %d non-finite score(s); iteration skipped", it, bad)
             record.update({"skipped": 1.0, "reward/nonfinite": float(bad)})
         else:
-            adv = group_advantages(total, cfg.group_size, cfg.adv_eps, cfg.advantage_scale)
+            adv = group_advantages(total, cfg.group_size, cfg.adv_eps, cfg.advantage_scale, cfg.advantage_baseline)
             lo = self.accelerator.process_index * self.local_batch
             record.update({"skipped": 0.0, "reward/total": float(total.mean()), **advantage_stats(adv)})
             actions = {k: self._gather(v.flatten(1)).view(-1, *v.shape[1:]) for k, v in batch.actions.items()}
