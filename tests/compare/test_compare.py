@@ -65,6 +65,11 @@ def test_same_noise_for_every_policy_and_same_images_across_runs(pipe, tmp_path)
     diff = np.abs(np.asarray(lone, dtype=int) - pixels(tmp_path / "r1", row).astype(int))
     assert diff.max() <= 1  # batched vs alone: float rounding may move a pixel by one level
     assert os.path.exists(res.files["grid"]) and "fields_a" not in res.files
+    # The grid: a row per policy, a column per prompt with the prompt's text above it (wrapped to the column).
+    grid = np.asarray(Image.open(res.files["grid"]).convert("L"))
+    label_h = grid.shape[0] - 3 * 96
+    assert label_h >= 2 * 11  # the longest prompt takes more than one line over a 96-pixel column
+    assert all((col < 128).any() for col in np.array_split(grid[:label_h, -3 * 96:], 3, axis=1))
 
 
 def test_noise_is_drawn_per_prompt_unless_common_noise_is_asked_for(pipe, tmp_path):
