@@ -11,7 +11,9 @@ action space, so a learned policy's gain can be split into "found a good schedul
 the prompt and noise". A point is a table ``[[grid_d, cond_d] for each step]`` of the values
 ``d = 2u - 1`` of :mod:`policies.field` (0 everywhere = the synchronous sampler; the grid move of
 the last step is ignored). Every point acts through :meth:`policies.field.FieldPolicy.fields`, so
-the constraints and maps are the policy's own.
+the constraints and maps are the policy's own (:class:`policies.field_table.FieldTable`).
+``tpm search`` finds such a table by coordinate search instead of this exhaustive two-stage scan,
+and saves it as a policy.
 
 The scan has two stages, at K steps: every combination of ``--grid-values`` for the grid moves of
 steps 0..K-2 (conditioning off), then every combination of ``--cond-values`` for the conditioning
@@ -30,30 +32,15 @@ import math
 import time
 
 import numpy as np
-import torch
 from verifier_bench import VerifierBench, paired_interval, write_report
 
 
 def fixed_field_policy(base, table: list[list[float]]):
-    """A copy of field policy ``base`` whose Betas have their mode at ``table[k] = [grid_d, cond_d]`` at step k."""
-    from policies.field import FieldPolicy
-    from tpm.distributions import BetaActions, mode_concentration
+    """The table ``table[k] = [grid_d, cond_d]`` at step k as a :class:`policies.field_table.FieldTable` with the
+    geometry of field policy ``base`` (the package's fixed-table policy; ``tpm search`` searches the same space)."""
+    from policies.field_table import FieldTable
 
-    steps = len(table)
-
-    class FixedTable(FieldPolicy):
-        def distribution(self, inputs):
-            b = inputs["temporal"].shape[0]
-            k = int(round(float(inputs["temporal"][0, 0]) * steps))
-            (grid_d, cond_d), active = table[k], inputs["active"]
-            alpha, beta, flags = {}, {}, {}
-            for part, d, shape, col in (("grid", grid_d, (b,), 0), ("cond", cond_d, (b, 1), 2)):
-                mode = torch.full(shape, (float(d) + 1) / 2)
-                alpha[part], beta[part] = mode_concentration(mode, self.config.concentration)
-                flags[part] = active[:, col]
-            return BetaActions(alpha, beta, flags)
-
-    return FixedTable(base.config)
+    return FieldTable.like(base, {"grid": [row[0] for row in table], "cond": [row[1] for row in table]})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,8 +3,9 @@
     python benchmarks/heldout_gain.py --policies outputs/grpo_flux/policy --steps 3 \\
         --baselines shifted_grid:shift=2.0,dm_concave:weight=0.5 --prompts testbed:test --seeds 1000-1007
 
-On the same prompts and noises (:mod:`tpm.grpo.evaluation`; noise set s of prompt j is the same for
-every policy), it scores the synchronous sampler at ``--steps`` and at ``--reference-steps``, every
+On the same prompts and noises (the evaluation protocol, :mod:`tpm.comparison.protocol`: noise set s
+of prompt j is the same for every policy, and the same as a training report's and ``tpm compare``'s
+with that noise set), it scores the synchronous sampler at ``--steps`` and at ``--reference-steps``, every
 fixed baseline and every given policy at ``--steps``, and reports, for each policy, with 95 %
 paired bootstrap intervals over prompts (each prompt's noise sets averaged):
 
@@ -13,7 +14,9 @@ paired bootstrap intervals over prompts (each prompt's noise sets averaged):
 - the fraction of the gap between synchronous at ``--steps`` and at ``--reference-steps`` it closes.
 
 Make choices (step count, baselines) on val prompts; run this on test prompts with noise seeds no
-choice was made on. Prints JSON; ``--out`` also gets ``heldout.json`` and ``heldout.md``.
+choice was made on. Prints JSON; ``--out`` also gets ``heldout.json`` and ``heldout.md``, whose
+``compare_command`` is the ``tpm compare`` run that scores the same images (its means and
+differences to synchronous equal these).
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
               "gap": paired_interval(ref, sync),
               "baselines": {s: {"mean": round(float(v.mean()), 4), "minus_synchronous": paired_interval(v, sync)}
                             for s, v in base.items()},
-              "best_fixed": best, "policies": {}}
+              "best_fixed": best, "policies": {},
+              "compare_command": compare_command(args, seeds, list(base), list(filter(None, args.policies.split(","))))}
     for spec in filter(None, args.policies.split(",")):
         sc = scores(policies.load(spec), k)
         row = {"mean": round(float(sc.mean()), 4), "minus_synchronous": paired_interval(sc, sync),
@@ -87,6 +91,19 @@ def main(argv: list[str] | None = None) -> dict:
         report["policies"][spec] = row
     write_report(args.out, "heldout", report, markdown(report, args.reference_steps))
     return report
+
+
+def compare_command(args, seeds: list[int], baselines: list[str], policies: list[str]) -> str:
+    """The ``tpm compare`` command that scores the same prompts and noises with the same reward."""
+    import shlex
+
+    from tpm.loading import testbed_domain
+
+    reward = args.reward or ("testbed_spatial" if testbed_domain(args.prompts) == "spatial" else "testbed")
+    argv = ["tpm", "compare", "--model", args.model, "--prompts", args.prompts, "--num-prompts", "0",
+            "--seed-list", ",".join(map(str, seeds)), "--steps", str(args.steps), "--reference-steps",
+            str(args.reference_steps), "--rewards", reward, "--policies", ",".join(["synchronous", *baselines, *policies])]
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def markdown(r: dict, ref_steps: int) -> str:
@@ -101,6 +118,7 @@ def markdown(r: dict, ref_steps: int) -> str:
         g = v["gap_closed"]
         mb = f(*v["minus_best_fixed"]) if "minus_best_fixed" in v else "-"
         lines.append(f"| {s} | {v['mean']:.4f} | {f(*v['minus_synchronous'])} | {mb} | {g[0]:.2f} [{g[1]:.2f}, {g[2]:.2f}] |")
+    lines += ["", "The same images in `tpm compare`:", "", "```bash", r["compare_command"], "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,11 @@
 """What the held-out benchmarks share: policies scored by the testbed verifier on paired noises.
 
 ``headroom.py``, ``heldout_gain.py`` and ``field_schedule_scan.py`` all load a pipeline and a prompt
-set, score policies with :func:`tpm.grpo.evaluate` (image j of noise set s starts from the same noise
-under every policy, so scores pair up), average each prompt over the noise sets, compare with a
-paired bootstrap over prompts, and write ``NAME.json`` + ``NAME.md``. This module is that part once.
+set, score policies with :func:`tpm.grpo.evaluate` under the evaluation protocol
+(:mod:`tpm.comparison.protocol`: image j of noise set s starts from the same noise under every policy,
+so scores pair up, and a training report or ``tpm compare`` on the same prompts and noise sets scores
+the same images), average each prompt over the noise sets, compare with the protocol's paired
+bootstrap over prompts, and write ``NAME.json`` + ``NAME.md``. This module is that part once.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ class VerifierBench:
 
 
 def paired_interval(a: np.ndarray, b: np.ndarray) -> list[float]:
-    """[mean of a - b, low, high]: paired bootstrap over prompts, 95 %, rounded to 4 decimals."""
-    from tpm.comparison.stats import paired_bootstrap
+    """[mean of a - b, low, high]: the evaluation protocol's paired bootstrap over prompts
+    (:func:`tpm.comparison.protocol.paired_difference`), rounded to 4 decimals."""
+    from tpm.comparison.protocol import paired_difference, rounded
 
-    d = paired_bootstrap(a, b, num_resamples=4000)
-    return [round(d.estimate, 4), round(d.low, 4), round(d.high, 4)]
+    return rounded(paired_difference(a, b))
 
 
 def write_report(out: str, name: str, report: dict, markdown: str) -> None:

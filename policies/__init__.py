@@ -16,6 +16,7 @@ from policies import concave as _concave
 from policies.compose import Compose, compose
 from policies.concave import Concave
 from policies.field import FieldPolicy
+from policies.field_table import FieldTable
 from policies.masks import find_objects, mask_from_image
 from policies.shifted import ShiftedGrid
 from policies.spatial import Inpaint, Raster, inpaint_policy, outpaint_policy
@@ -135,6 +136,6 @@ def _variant_options(base: str, variant: str) -> dict:
     return table[variant]
 
 
-__all__ = ["Compose", "Concave", "ConstantDeviation", "FieldPolicy", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
+__all__ = ["Compose", "Concave", "ConstantDeviation", "FieldPolicy", "FieldTable", "Inpaint", "Policy", "PolicyError", "Raster", "ShiftedGrid", "Synchronous", "TPM",
            "UncertaintyHead", "UncertaintyPatches", "VelocityScale", "available", "compose", "find_objects", "inpaint_policy",
            "load", "mask_from_image", "outpaint_policy"]

@@ -249,6 +249,45 @@ def _upsample(groups: torch.Tensor, patch: int) -> torch.Tensor:
     return groups.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
 
 
+def apply_action(cfg: FieldConfig, state: State, action: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tau_next, tau_cond, next centre) of a field policy with config ``cfg`` at ``state`` from action parts
+    u in (0, 1), d = 2u - 1 (a missing part is d = 0); reads the centre from ``state.memory``."""
+    tau = state.tau
+    bsz, dev = tau.shape[0], tau.device
+    k, big_k = state.step, state.num_steps
+    sig = state.sigmas.to(dev, tau.dtype)
+    centre = state.memory.get("centre", torch.ones(bsz, device=dev, dtype=tau.dtype)).to(tau.dtype)
+
+    def d_of(part, shape):
+        if part not in action:
+            return torch.zeros(shape, device=dev, dtype=tau.dtype)
+        return (2 * action[part].to(dev, tau.dtype) - 1).reshape(shape)
+
+    if k + 1 >= big_k:
+        tau_next = torch.zeros_like(tau)
+        new_centre = torch.zeros_like(centre)
+    else:
+        new_centre = grid_centre(d_of("grid", (bsz,)), centre, sig[k + 1].expand(bsz), sig[k + 2].expand(bsz))
+        offsets = _upsample(d_of("offset", (bsz, *cfg.groups)), cfg.patch)
+        tau_next = token_targets(offsets, new_centre, tau, cfg.max_disparity)
+    if "cond" in action:
+        d_c = _upsample(d_of("cond", (bsz, *cfg.groups)), cfg.patch)
+        tau_cond = cond_times(d_c, tau, tau_next, cfg.cond_range, cfg.sigma_min)
+    else:
+        tau_cond = tau.clone()
+    return tau_next, tau_cond, new_centre
+
+
+def check_grid(cfg: FieldConfig, ctx: RunContext, what: str = "field policy") -> None:
+    """The run's token grid must be the one ``cfg`` was built for (position embeddings and groups do not resample)."""
+    if list(ctx.grid) != cfg.grid:
+        raise PolicyError(
+            f"this {what} was built for a {cfg.grid[0]}x{cfg.grid[1]} token grid, but this "
+            f"run has {ctx.grid[0]}x{ctx.grid[1]}: sample at the image size it was trained for, or train one "
+            "for this size (its token position embeddings do not resample)")
+
+
 @register_policy("field")
 class FieldPolicy(TrainablePolicy):
     """Per-token time fields learned with GRPO; see the module docstring."""
@@ -291,11 +330,7 @@ class FieldPolicy(TrainablePolicy):
         return [object_positions(p, tw, self.config.objects) for p, tw in zip(prompts, text_words)]
 
     def begin(self, ctx: RunContext) -> dict:
-        if list(ctx.grid) != self.config.grid:
-            raise PolicyError(
-                f"this field policy was built for a {self.config.grid[0]}x{self.config.grid[1]} token grid, but this "
-                f"run has {ctx.grid[0]}x{ctx.grid[1]}: sample at the image size it was trained for, or train one "
-                "for this size (its token position embeddings do not resample)")
+        check_grid(self.config, ctx)
         return {}
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -367,31 +402,7 @@ class FieldPolicy(TrainablePolicy):
     # -- acting ------------------------------------------------------------------------------------
     def fields(self, state: State, action: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tau_next, tau_cond, next centre) from action parts u in (0, 1) (parts may be missing: d = 0)."""
-        cfg = self.config
-        tau = state.tau
-        bsz, dev = tau.shape[0], tau.device
-        k, big_k = state.step, state.num_steps
-        sig = state.sigmas.to(dev, tau.dtype)
-        centre = state.memory.get("centre", torch.ones(bsz, device=dev, dtype=tau.dtype)).to(tau.dtype)
-
-        def d_of(part, shape):
-            if part not in action:
-                return torch.zeros(shape, device=dev, dtype=tau.dtype)
-            return (2 * action[part].to(dev, tau.dtype) - 1).reshape(shape)
-
-        if k + 1 >= big_k:
-            tau_next = torch.zeros_like(tau)
-            new_centre = torch.zeros_like(centre)
-        else:
-            new_centre = grid_centre(d_of("grid", (bsz,)), centre, sig[k + 1].expand(bsz), sig[k + 2].expand(bsz))
-            offsets = _upsample(d_of("offset", (bsz, *cfg.groups)), cfg.patch)
-            tau_next = token_targets(offsets, new_centre, tau, cfg.max_disparity)
-        if "cond" in action:
-            d_c = _upsample(d_of("cond", (bsz, *cfg.groups)), cfg.patch)
-            tau_cond = cond_times(d_c, tau, tau_next, cfg.cond_range, cfg.sigma_min)
-        else:
-            tau_cond = tau.clone()
-        return tau_next, tau_cond, new_centre
+        return apply_action(self.config, state, action)
 
     def act(self, state: State) -> Action:
         decision = self.decide(self.inputs(state))

@@ -85,13 +85,24 @@ def field_strip(trajectory, path: str | os.PathLike, sample: int = 0, max_steps:
     return str(path)
 
 
+CHAR_W, LINE_H = 6, 11  # PIL's default bitmap font: pixels per character, per line
+
+
+def wrap_label(text: str, width: int) -> list[str]:
+    """``text`` broken into lines that fit ``width`` pixels of PIL's default font (long words are cut)."""
+    import textwrap
+
+    return textwrap.wrap(str(text), max(1, width // CHAR_W), break_long_words=True) or [""]
+
+
 def image_grid(images, cols: int | None = None, rows: int | None = None, *, pad: int = 0, labels_left=None,
                labels_top=None, cell: int | None = None):
     """Tile equally sized PIL images (row-major) into one PIL image on white.
 
     ``cols`` defaults to about the square root of the count, ``rows`` to what the images fill;
-    ``pad`` pixels of white around and between cells; optional row / column labels; ``cell``
-    resizes every image to a square of that side (nearest neighbour, so pixels stay sharp).
+    ``pad`` pixels of white around and between cells; optional row labels (left) and column labels
+    (above, wrapped to the column's width, e.g. each column's prompt); ``cell`` resizes every image
+    to a square of that side (nearest neighbour, so pixels stay sharp).
     """
     import math
 
@@ -105,8 +116,9 @@ def image_grid(images, cols: int | None = None, rows: int | None = None, *, pad:
     if cell:
         w = h = cell
         images = [im.resize((cell, cell), Image.NEAREST) for im in images]
-    pad_left = 0 if not labels_left else 8 + 6 * max(len(str(s)) for s in labels_left)
-    pad_top = 0 if not labels_top else 14
+    pad_left = 0 if not labels_left else 8 + CHAR_W * max(len(str(s)) for s in labels_left)
+    top = [wrap_label(s, w + pad - 2) for s in labels_top or []]
+    pad_top = 0 if not top else 4 + LINE_H * max(len(lines) for lines in top)
     grid = Image.new("RGB", (pad_left + cols * (w + pad) + pad, pad_top + rows * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
@@ -114,8 +126,9 @@ def image_grid(images, cols: int | None = None, rows: int | None = None, *, pad:
         grid.paste(im.convert("RGB"), (pad_left + pad + c * (w + pad), pad_top + pad + r * (h + pad)))
     for r, s in enumerate(labels_left or []):
         draw.text((2, pad_top + pad + r * (h + pad) + h // 2 - 5), str(s), fill="black")
-    for c, s in enumerate(labels_top or []):
-        draw.text((pad_left + pad + c * (w + pad) + 2, 1), str(s), fill="black")
+    for c, lines in enumerate(top):
+        for n, line in enumerate(lines):
+            draw.text((pad_left + pad + c * (w + pad) + 2, 1 + LINE_H * n), line, fill="black")
     return grid
 
 

@@ -49,7 +49,7 @@ def test_same_noise_for_every_policy_and_same_images_across_runs(pipe, tmp_path)
         assert np.array_equal(pixels(tmp_path / "r1", r1), pixels(tmp_path / "r2", r2))
         assert r1["brightness"] == r2["brightness"]
     # The same policy under two labels sees the same noise, so its paired differences are exactly 0,
-    # and each image equals a lone tpm.sample call with that seed.
+    # and each image equals a lone tpm.sample call from the protocol's noise of its (prompt, seed) pair.
     res = write_outputs(str(tmp_path / "r1"), rows1, s, list(pol), num_resamples=200)
     b = next(x for x in res.summary if x.policy == "b")
     assert (b.diffs["brightness"].low, b.diffs["brightness"].high) == (0.0, 0.0)
@@ -57,12 +57,34 @@ def test_same_noise_for_every_policy_and_same_images_across_runs(pipe, tmp_path)
     assert c.diffs["brightness"].high - c.diffs["brightness"].low > 0
     import torch
 
+    from tpm.comparison.protocol import noise_seed
+
     lone = tpm.sample(pipe, PROMPTS[1], num_inference_steps=3, height=32, width=32,
-                      generator=torch.Generator().manual_seed(5)).images[0]
+                      generator=torch.Generator().manual_seed(noise_seed(5, 1))).images[0]
     row = next(r for r in rows1 if (r["policy"], r["prompt_index"], r["seed"]) == ("a", 1, 5))
     diff = np.abs(np.asarray(lone, dtype=int) - pixels(tmp_path / "r1", row).astype(int))
     assert diff.max() <= 1  # batched vs alone: float rounding may move a pixel by one level
     assert os.path.exists(res.files["grid"]) and "fields_a" not in res.files
+    # The grid: a row per policy, a column per prompt with the prompt's text above it (wrapped to the column).
+    grid = np.asarray(Image.open(res.files["grid"]).convert("L"))
+    label_h = grid.shape[0] - 3 * 96
+    assert label_h >= 2 * 11  # the longest prompt takes more than one line over a 96-pixel column
+    assert all((col < 128).any() for col in np.array_split(grid[:label_h, -3 * 96:], 3, axis=1))
+
+
+def test_noise_is_drawn_per_prompt_unless_common_noise_is_asked_for(pipe, tmp_path):
+    """Two prompts under one seed start from different noises; with common_noise from the same one. The
+    prompts are equal here, so equal noise means equal images."""
+    pol = {"sync": policies.load("synchronous")}
+    same = [PROMPTS[0], PROMPTS[0]]
+    drawn = run(pipe, pol, {"brightness": brightness}, spec(prompts=same, seeds=[3]), tmp_path / "d", progress=False)
+    common = run(pipe, pol, {"brightness": brightness}, spec(prompts=same, seeds=[3], common_noise=True),
+                 tmp_path / "c", progress=False)
+    assert not np.array_equal(pixels(tmp_path / "d", drawn[0]), pixels(tmp_path / "d", drawn[1]))
+    assert np.array_equal(pixels(tmp_path / "c", common[0]), pixels(tmp_path / "c", common[1]))
+    # A cache made under one noise protocol is not reused under the other.
+    with pytest.raises(CompareError, match="noise"):
+        run(pipe, pol, {"brightness": brightness}, spec(prompts=same, seeds=[3]), tmp_path / "c", progress=False)
 
 
 def test_resume_after_interruption_gives_the_same_results(pipe, tmp_path):

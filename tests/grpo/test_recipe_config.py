@@ -90,7 +90,8 @@ def test_every_field_is_a_flag():
             "--sample-kwargs", "guidance_scale=2.5", "--minibatch-size", "2", "--gradient-accumulation", "2",
             "--epochs", "2", "--learning-rate", "1e-4", "--weight-decay", "0.1", "--warmup-iterations", "1",
             "--lr-schedule", "cosine", "--max-grad-norm", "0", "--clip-eps", "0.1", "--ratio", "step",
-            "--kl-coef", "0.5", "--adv-eps", "1e-3", "--advantage-scale", "batch", "--eval-every", "2",
+            "--kl-coef", "0.5", "--adv-eps", "1e-3", "--advantage-scale", "batch", "--advantage-baseline", "james_stein",
+            "--eval-every", "2",
             "--grpo.eval_prompts", "5", "--eval-noise-sets", "3", "--keep-best", "false", "--save-every", "0",
             "--keep-checkpoints", "4", "--progress", "no"]
     cfg = parse_args(args)
@@ -110,6 +111,7 @@ def test_every_field_is_a_flag():
     assert g.learning_rate == 1e-4 and isinstance(g.learning_rate, float) and g.weight_decay == 0.1
     assert (g.warmup_iterations, g.lr_schedule, g.max_grad_norm, g.clip_eps, g.ratio) == (1, "cosine", 0.0, 0.1, "step")
     assert (g.kl_coef, g.adv_eps, g.advantage_scale, g.eval_every, g.eval_prompts) == (0.5, 1e-3, "batch", 2, 5)
+    assert g.advantage_baseline == "james_stein"
     assert (g.eval_noise_sets, g.keep_best, g.save_every, g.keep_checkpoints, g.progress) == (3, False, 0, 4, False)
     # every field of both dataclasses was set above (resume / overwrite exclude each other: checked apart)
     named = {a.lstrip("-").replace("-", "_").removeprefix("grpo.") for a in args if a.startswith("--")}

@@ -1,5 +1,5 @@
 """``tpm`` command line (``tpm sample``, ``tpm compare``, ``tpm export-scheduler``, ``tpm train``,
-``tpm reward-serve``) and :func:`compare`.
+``tpm search``, ``tpm reward-serve``) and :func:`compare`.
 
 Part of :mod:`tpm.app`, the layer that imports ``policies`` and ``rewards`` (they import ``tpm``,
 so the core cannot): it turns policy and reward names into objects, for the commands and for
@@ -127,7 +127,10 @@ def compare(
     model: Any = None,
     out: str | os.PathLike = "outputs/compare",
     num_prompts: int | None = 64,
+    first_prompts: int | None = None,
     seeds: int | Sequence[int] = 4,
+    common_noise: bool = False,
+    reference_steps: int | None = None,
     steps: int | Sequence[int] | None = None,
     guidance_scale: float | None = None,
     height: int | None = None,
@@ -160,7 +163,12 @@ def compare(
         model: a diffusers pipeline, or a model spec (:func:`tpm.loading.load_model`: path / hub id,
             ``testbed:flux``, ``tiny:flux``); default: the shipped testbed Flux.
         lora: LoRA adapters loaded into the model's backbone (``"PATH_OR_ID[:SCALE],..."`` or a list).
-        num_prompts: seeded subset size (None = all); seeds: a count n (seeds 0..n-1) or a list.
+        num_prompts: seeded subset size (None = all); first_prompts: take the set's first n prompts
+            instead (as a training run's ``grpo.eval_prompts`` does).
+        seeds: noise sets, a count n (0..n-1) or a list. Image (prompt, seed) starts from the noise the
+            evaluation protocol draws for that pair (:mod:`tpm.comparison.protocol`), as a training
+            run's evaluation does; ``common_noise``: every prompt of a seed from the same noise.
+        reference_steps: add the synchronous sampler at this step count as a row of every table.
         steps: one step count or several (several add ``reward_vs_steps.png``); None = the
             pipeline's default.
         guidance_scale: CFG strength, passed as the pipeline takes it; None = the pipeline's default.
@@ -170,14 +178,19 @@ def compare(
     from tpm.comparison import CompareError, run_comparison, seed_list
 
     pol = resolve_policies(policies)
+    if first_prompts is not None:
+        if first_prompts < 1:
+            raise CompareError(f"first_prompts must be >= 1, got {first_prompts}")
+        if num_prompts is not None:
+            raise CompareError("give either num_prompts (a seeded subset) or first_prompts (the first n), not both")
     if isinstance(prompts, str):
-        prompt_list = load_prompts(prompts, num_prompts, prompt_seed, prompt_column, prompt_split)
+        prompt_list = load_prompts(prompts, num_prompts, prompt_seed, prompt_column, prompt_split)[:first_prompts]
         prompt_label = prompts
     else:
         prompt_list = [str(p) for p in prompts]
         if not prompt_list:
             raise CompareError("the prompt list is empty")
-        prompt_list = subset(prompt_list, num_prompts, prompt_seed)
+        prompt_list = subset(prompt_list, num_prompts, prompt_seed)[:first_prompts]
         prompt_label = f"{len(prompt_list)} given prompts"
     rew = resolve_rewards(rewards, testbed_domain(prompts) or False)
     seeds = seed_list(seeds)
@@ -188,13 +201,17 @@ def compare(
         model_label += f" + LoRA {lora if isinstance(lora, str) else ','.join(map(str, lora))}"
     if model_label.startswith("tiny:") and height is None and width is None:
         height = width = 32  # random tiny models: keep the images (and the run) small
-    notes = [f"model: `{model_label}`; prompts: `{prompt_label}` ({len(prompt_list)} prompts, seed "
-             f"{prompt_seed}); seeds: {seeds if len(seeds) <= 8 else f'{len(seeds)} seeds'}; "
+    chosen = (f"the first {len(prompt_list)}" if first_prompts is not None
+              else f"{len(prompt_list)} prompts, seed {prompt_seed}")
+    notes = [f"model: `{model_label}`; prompts: `{prompt_label}` ({chosen}); seeds: "
+             f"{seeds if len(seeds) <= 8 else f'{len(seeds)} seeds'} "
+             f"({'common noise per seed' if common_noise else 'noise drawn per (prompt, seed)'}); "
              f"guidance: {guidance_scale if guidance_scale is not None else 'pipeline default'}"]
     return run_comparison(pipe, pol, rew, prompt_list, out=out, seeds=seeds, steps=steps,
                           guidance_scale=guidance_scale, height=height, width=width, batch_prompts=batch_prompts,
                           heatmap_prompt=heatmap_prompt, num_resamples=num_resamples, model_label=model_label,
-                          notes=notes, overwrite=overwrite, progress=progress)
+                          notes=notes, overwrite=overwrite, progress=progress, common_noise=common_noise,
+                          reference_steps=reference_steps)
 
 
 # ---- commands --------------------------------------------------------------------------------------
@@ -277,7 +294,9 @@ def cmd_compare(args) -> int:
     seeds = args.seeds if args.seed_list is None else args.seed_list
     result = compare(
         args.policies, args.prompts, rewards=args.rewards, model=args.model, out=args.out,
-        num_prompts=None if args.num_prompts == 0 else args.num_prompts, seeds=seeds,
+        num_prompts=None if args.num_prompts == 0 or args.first_prompts else args.num_prompts,
+        first_prompts=args.first_prompts, seeds=seeds, common_noise=args.common_noise,
+        reference_steps=args.reference_steps,
         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
         batch_prompts=args.batch_prompts, prompt_column=args.prompt_column, prompt_split=args.prompt_split,
         prompt_seed=args.prompt_seed, heatmap_prompt=args.heatmap_prompt, device=args.device,
@@ -346,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_scheduler(sub)
     sub.add_parser("train", add_help=False, help="train a timestep policy with GRPO (tpm train --help; the same as "
                    "accelerate launch -m tpm train)")
+    sub.add_parser("search", add_help=False, help="search the best fixed table in a run's action space on its eval "
+                   "prompts, saved as a policy (tpm search --help; reads the run's config as tpm train does)")
     # Listed here for `tpm --help`; main() hands its arguments to rewards.server's parser.
     sub.add_parser("reward-serve", add_help=False,
                    help="serve a reward model over HTTP (tpm and Flow-Factory protocols); see `tpm reward-serve -h`")
@@ -394,8 +415,17 @@ def _add_compare(sub) -> None:
                    help="LoRA adapter to load into the backbone: a diffusers LoRA file/folder/hub id or a peft "
                         "adapter folder, optionally PATH:SCALE; repeat or comma-separate for several")
     c.add_argument("--num-prompts", type=int, default=64, help="seeded subset of the prompt set (0 = all)")
-    c.add_argument("--seeds", type=int, default=4, help="seeds per prompt (0..n-1)")
-    c.add_argument("--seed-list", type=_int_list, default=None, help="explicit seeds, e.g. 3,7,11 (overrides --seeds)")
+    c.add_argument("--first-prompts", type=int, default=None,
+                   help="the first N prompts of the set instead of a seeded subset (as a training run's eval_prompts)")
+    c.add_argument("--seeds", type=int, default=4,
+                   help="noise sets per prompt (0..n-1); the noise is drawn per (prompt, seed) pair")
+    c.add_argument("--seed-list", type=_int_list, default=None,
+                   help="explicit noise sets, e.g. 1000,1001 (overrides --seeds)")
+    c.add_argument("--common-noise", action="store_true",
+                   help="every prompt of a seed starts from the same noise (the seed itself); means are then "
+                        "conditional on a few noises")
+    c.add_argument("--reference-steps", type=int, default=None,
+                   help="also score the synchronous sampler at this step count, as a row of every table")
     c.add_argument("--steps", type=_int_list, default=None,
                    help="step count(s), e.g. 20 or 5,10,20 (several add reward_vs_steps.png); default: the pipeline's")
     c.add_argument("--guidance-scale", type=float, default=None,
@@ -448,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         from tpm.app.train import main as train_main
 
         train_main(argv[1:], prog="tpm train")
+        return 0
+    if argv[:1] == ["search"]:  # the run's config flags too (tpm.app.recipe), and the search's own
+        from tpm.app.search import main as search_main
+
+        search_main(argv[1:])
         return 0
     args, rest = parser.parse_known_args(argv)
     if rest:

@@ -7,8 +7,8 @@ prompt list; ``tpm compare`` and :func:`tpm.compare` turn names into those objec
 - ``results.csv``: one row per image (prompt, seed, policy, steps, every metric, NFE, time);
 - ``summary.md``: per policy and metric the mean with a 95 % interval, and the paired
   difference against the first policy with a paired bootstrap interval (AsynDM Table 1 form);
-- ``grid.png``: prompts in rows, policies in columns, same seed (``grid_steps<K>.png`` for
-  further step counts);
+- ``grid.png``: policies in rows, prompts in columns with each prompt's text above its column, the
+  first seed (``grid_steps<K>.png`` for further step counts);
 - ``reward_vs_steps.png`` when several step counts are given (AsynDM Table 6 style);
 - ``fields_<policy>.png``: the time field over the steps of asynchronous policies;
 - ``images/`` and ``cache/``: every image and its scores, so an interrupted run resumes.
@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tpm.comparison.protocol import RESAMPLES
 from tpm.comparison.report import (
     PolicySummary,
     metric_names,
@@ -39,14 +40,15 @@ class ComparisonResult:
     files: dict[str, str]  # what was written: results, summary, grid, plots
 
 
-def write_outputs(out: str, rows: list[dict], spec: RunSpec, policies: list[str], *, num_resamples: int = 10_000,
+def write_outputs(out: str, rows: list[dict], spec: RunSpec, policies: list[str], *, num_resamples: int = RESAMPLES,
                   notes: list[str] | None = None, title: str = "Policy comparison") -> ComparisonResult:
     """results.csv, summary.md, grids and plots from the rows of :func:`tpm.comparison.runner.run`."""
     from tpm.comparison import figures
 
     metrics = metric_names(rows)
     files = {"results": write_results_csv(os.path.join(out, "results.csv"), rows, metrics)}
-    summary = summarise(rows, policies, spec.steps, metrics, num_resamples=num_resamples)
+    reference = (spec.reference_label, spec.reference_steps) if spec.reference_label else None
+    summary = summarise(rows, policies, spec.steps, metrics, num_resamples=num_resamples, reference=reference)
     text = summary_markdown(summary, metrics, title=title, notes=notes, num_resamples=num_resamples)
     files["summary"] = write_summary(os.path.join(out, "summary.md"), text)
     for n, k in enumerate(spec.steps):
@@ -87,7 +89,9 @@ def run_comparison(
     width: int | None = None,
     batch_prompts: int = 4,
     heatmap_prompt: int = 0,
-    num_resamples: int = 10_000,
+    num_resamples: int = RESAMPLES,
+    common_noise: bool = False,
+    reference_steps: int | None = None,
     model_label: str = "",
     notes: list[str] | None = None,
     overwrite: bool = False,
@@ -95,8 +99,11 @@ def run_comparison(
 ) -> ComparisonResult:
     """Compare ``policies`` on ``prompts`` with the same seeds; write tables, grids and plots to ``out``.
 
+    ``seeds`` are noise sets of the evaluation protocol (:mod:`tpm.comparison.protocol`): the noise is
+    drawn per (prompt, seed) pair, or with ``common_noise`` shared by every prompt of a seed.
     ``steps``: one step count or several (several add ``reward_vs_steps.png``); None = the
-    pipeline's default. ``model_label`` keeps caches of different models apart. ``overwrite``
+    pipeline's default. ``reference_steps``: add the synchronous sampler at that step count as a row
+    of every table (the quality a few-step policy aims at). ``model_label`` keeps caches of different models apart. ``overwrite``
     discards a previous comparison's cache in ``out`` instead of resuming it.
     """
     from tpm.backbones import get_backbone
@@ -115,7 +122,8 @@ def run_comparison(
             raise CompareError(str(e)) from None
     spec = RunSpec(prompts=list(prompts), seeds=seed_list(seeds), steps=[steps] if isinstance(steps, int) else list(steps),
                    guidance_scale=guidance_scale, height=height, width=width, batch_prompts=batch_prompts,
-                   heatmap_prompt=heatmap_prompt, model=model_label)
+                   heatmap_prompt=heatmap_prompt, model=model_label, common_noise=common_noise,
+                   reference_steps=reference_steps)
     if overwrite:
         for sub in ("cache", "images"):
             shutil.rmtree(os.path.join(out, sub), ignore_errors=True)

@@ -11,23 +11,21 @@ from tpm.comparison.report import PolicySummary
 
 def write_grid(path: str, out: str, rows: list[dict], policies: list[str], steps: int, seed: int,
                max_prompts: int = 8, cell: int = 96) -> str:
-    """Prompts in rows, policies in columns, all from seed ``seed`` (the same noise per row)."""
+    """Policies in rows, prompts in columns with each prompt's text above its column, all from seed
+    ``seed`` (the same noise down a column)."""
     from PIL import Image
 
     from tpm.plots import image_grid
 
     table = {(r["policy"], r["prompt_index"]): r for r in rows if r["steps"] == steps and r["seed"] == seed}
     indices = sorted({i for (_, i) in table})[:max_prompts]
-    images, labels = [], []
-    for i in indices:
-        prompt = table[(policies[0], i)]["prompt"]
-        labels.append(prompt if len(prompt) <= 48 else prompt[:45] + "...")
-        for p in policies:
+    images = []
+    for p in policies:
+        for i in indices:
             with Image.open(os.path.join(out, table[(p, i)]["image"])) as im:
                 images.append(im.convert("RGB"))
-    grid = image_grid(images, rows=len(indices), cols=len(policies), labels_left=labels,
-                      labels_top=[p if len(p) <= cell // 6 else p[: cell // 6 - 2] + ".." for p in policies],
-                      cell=cell)
+    grid = image_grid(images, rows=len(policies), cols=len(indices), labels_left=list(policies),
+                      labels_top=[table[(policies[0], i)]["prompt"] for i in indices], cell=cell)
     grid.save(path)
     return path
 

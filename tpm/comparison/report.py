@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpm.comparison.stats import Interval, bootstrap_mean, paired_bootstrap
+from tpm.comparison.protocol import LEVEL, RESAMPLES, mean_interval, paired_difference
+from tpm.comparison.stats import Interval
 
 BASE_COLUMNS = ("prompt_index", "prompt", "seed", "policy", "steps")
 TAIL_COLUMNS = ("nfe", "time_s", "image")
@@ -53,28 +54,35 @@ class PolicySummary:
 
 
 def summarise(rows: list[dict], policies: list[str], steps: list[int], metrics: list[str], *,
-              num_resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> list[PolicySummary]:
-    """Means with intervals and paired differences against ``policies[0]``, per step count."""
+              num_resamples: int = RESAMPLES, level: float = LEVEL,
+              reference: tuple[str, int] | None = None) -> list[PolicySummary]:
+    """Means with intervals and paired differences against ``policies[0]``, per step count, as the
+    evaluation protocol computes them (:mod:`tpm.comparison.protocol`: each prompt averaged over its
+    seeds, bootstrap over prompts). ``reference``: (label, steps) of a row added to every step count's
+    table (the synchronous sampler at the reference step count), compared on the same pairs."""
     out = []
     for k in steps:
-        by_policy = {p: {(r["prompt_index"], r["seed"]): r for r in rows if r["policy"] == p and r["steps"] == k}
-                     for p in policies}
+        def of(p: str, steps: int) -> dict:
+            return {(r["prompt_index"], r["seed"]): r for r in rows if r["policy"] == p and r["steps"] == steps}
+
+        by_policy = {p: of(p, k) for p in policies}
+        if reference is not None:
+            by_policy[reference[0]] = of(*reference)
         ref = by_policy[policies[0]]
-        for p in policies:
-            cur = by_policy[p]
+        for p, cur in by_policy.items():
             keys = sorted(cur)
             if not keys:
                 continue
             groups = [key[0] for key in keys]
-            means = {m: bootstrap_mean([cur[key][m] for key in keys], groups, num_resamples=num_resamples,
-                                       level=level, seed=seed) for m in metrics}
+            means = {m: mean_interval([cur[key][m] for key in keys], groups, num_resamples=num_resamples,
+                                      level=level) for m in metrics}
             diffs = None
             if p != policies[0]:
                 if set(keys) != set(ref):
                     raise ValueError(f"policy {p!r} and {policies[0]!r} have different (prompt, seed) pairs at "
                                      f"{k} steps; paired differences need the same pairs")
-                diffs = {m: paired_bootstrap([cur[key][m] for key in keys], [ref[key][m] for key in keys], groups,
-                                             num_resamples=num_resamples, level=level, seed=seed) for m in metrics}
+                diffs = {m: paired_difference([cur[key][m] for key in keys], [ref[key][m] for key in keys], groups,
+                                              num_resamples=num_resamples, level=level) for m in metrics}
             out.append(PolicySummary(p, k, len(keys), len(set(groups)), means, diffs,
                                      float(np.mean([cur[key]["nfe"] for key in keys])),
                                      float(np.mean([cur[key]["time_s"] for key in keys]))))
@@ -82,15 +90,15 @@ def summarise(rows: list[dict], policies: list[str], steps: list[int], metrics: 
 
 
 def summary_markdown(summary: list[PolicySummary], metrics: list[str], *, title: str = "Comparison",
-                     notes: list[str] | None = None, num_resamples: int = 10_000, level: float = 0.95) -> str:
+                     notes: list[str] | None = None, num_resamples: int = RESAMPLES, level: float = LEVEL) -> str:
     pct = f"{100 * level:g} %"
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes or []]
     lines += [
         f"- Means: {pct} percentile-bootstrap interval over prompts ({num_resamples} resamples, each prompt "
-        "with all its seeds).",
+        "averaged over its seeds).",
         f"- Differences: policy minus `{summary[0].policy}` on the same (prompt, seed, noise), paired bootstrap "
-        f"over prompts, {pct}; `*` = interval excludes 0.",
+        f"over prompts, {pct}; `*` = interval excludes 0 (tpm.comparison.protocol).",
         "",
     ]
     for k in sorted({s.steps for s in summary}, key=[s.steps for s in summary].index):
@@ -100,13 +108,13 @@ def summary_markdown(summary: list[PolicySummary], metrics: list[str], *, title:
         head = ["policy", *metrics, "NFE", "s / image"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in rows:
-            cells = [f"`{s.policy}`", *[s.means[m].format() for m in metrics], f"{s.nfe:g}", f"{s.time_s:.3f}"]
+            cells = [f"`{s.policy}`", *[s.means[m].format(4) for m in metrics], f"{s.nfe:g}", f"{s.time_s:.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"Paired difference vs `{rows[0].policy}`:", ""]
         head = ["policy", *[f"Δ {m}" for m in metrics]]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in rows[1:]:
-            cells = [f"`{s.policy}`"] + [s.diffs[m].format(signed=True) + (" *" if s.diffs[m].excludes_zero else "")
+            cells = [f"`{s.policy}`"] + [s.diffs[m].format(4, signed=True) + (" *" if s.diffs[m].excludes_zero else "")
                                          for m in metrics]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -5,8 +5,12 @@ It takes objects, not names: a diffusers pipeline, a ``{label: Policy}`` dict an
 imports ``policies`` or ``rewards``; ``tpm compare`` and :func:`tpm.compare` (in :mod:`tpm.app.cli`)
 turn names into those objects.
 
-Same noise: image (prompt i, seed s) starts from ``torch.Generator("cpu").manual_seed(s)``
-whatever the policy, so the policies' images differ only by the policy. Work is done in *units*
+Same noise: image (prompt i, seed s) starts from the noise the evaluation protocol gives it
+(:func:`tpm.comparison.protocol.noise_seed`: a draw per (prompt, seed) pair, or with
+``common_noise`` the same noise for every prompt of seed s) whatever the policy, so the policies'
+images differ only by the policy, and a training run's evaluation on the same prompts and noise
+sets scores the same images. A reward with a ``raw_scores`` method (every ``rewards.RewardModel``)
+scores the float images, as in training; any other callable gets PIL images. Work is done in *units*
 of (step count, policy, chunk of ``batch_prompts`` prompts x all seeds), one ``tpm.sample``
 call each; the chunking depends only on the settings, so a rerun batches exactly as the first
 run did and reproduces its images bit for bit.
@@ -33,6 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tpm.comparison.protocol import noise_seed
+
 
 class CompareError(ValueError):
     """A comparison that cannot run as asked (bad policy / prompt set / step count / cache)."""
@@ -56,6 +62,8 @@ class RunSpec:
     heatmap_prompt: int = 0  # prompt index whose time fields are plotted (first seed, first step count)
     model: str = ""  # a label of the pipeline, only to keep caches of different models apart
     extra: dict[str, Any] = field(default_factory=dict)
+    common_noise: bool = False  # every prompt of seed s from the same noise (protocol.noise_seed)
+    reference_steps: int | None = None  # also the synchronous sampler at this step count (a row of each table)
 
     def __post_init__(self):
         if not self.prompts:
@@ -77,8 +85,16 @@ class RunSpec:
             raise CompareError(f"batch_prompts must be >= 1, got {self.batch_prompts}")
         if not 0 <= self.heatmap_prompt < len(self.prompts):
             raise CompareError(f"heatmap_prompt {self.heatmap_prompt} is not a prompt index (0..{len(self.prompts) - 1})")
+        if self.reference_steps is not None and (not isinstance(self.reference_steps, (int, np.integer))
+                                                 or self.reference_steps < 1):
+            raise CompareError(f"reference_steps must be an integer >= 1, got {self.reference_steps!r}")
         self.seeds = [int(s) for s in self.seeds]
         self.steps = [int(k) for k in self.steps]
+
+    @property
+    def reference_label(self) -> str | None:
+        """The label of the reference row (the synchronous sampler at ``reference_steps``), or None."""
+        return None if self.reference_steps is None else f"synchronous, {self.reference_steps} steps"
 
 
 def slug(label: str) -> str:
@@ -112,6 +128,8 @@ def manifest_for(spec: RunSpec, policies: dict, rewards: dict) -> dict:
         "heatmap_prompt": spec.heatmap_prompt,
         "policies": {label: policy_fingerprint(p) for label, p in policies.items()},
         "rewards": list(rewards),
+        "noise": "common" if spec.common_noise else "per_prompt",
+        "reference_steps": spec.reference_steps,
         **({"extra": spec.extra} if spec.extra else {}),
     }
 
@@ -195,6 +213,12 @@ def run(
     ``sample_fn`` defaults to :func:`tpm.sample` (tests may wrap it to count calls).
     """
     _check_inputs(policies, rewards)
+    if spec.reference_label is not None:
+        if spec.reference_label in policies:
+            raise CompareError(f"a policy is labelled {spec.reference_label!r}, the reference row's label; rename it")
+        from tpm.policy import Synchronous
+
+        policies = {**policies, spec.reference_label: Synchronous()}
     if sample_fn is None:
         from tpm.sampler import sample as sample_fn
     from tpm.backbones import get_backbone
@@ -211,26 +235,31 @@ def run(
     slugs = unique_slugs(list(policies))
     chunks = [list(range(i, min(i + spec.batch_prompts, len(spec.prompts))))
               for i in range(0, len(spec.prompts), spec.batch_prompts)]
-    units = [(k, label, chunk) for k in spec.steps for chunk in chunks for label in policies]
+    units = [(_steps_of(spec, label, k), label, chunk) for k in spec.steps for chunk in chunks for label in policies
+             if label != spec.reference_label or k == spec.steps[0]]
     heat_chunk = spec.heatmap_prompt // spec.batch_prompts
     bar = tqdm(units, desc="compare", disable=not progress, unit="batch")
     with open(os.path.join(cache_dir, CACHE_ROWS), "a") as log:
         for k, label, chunk in bar:
             keys = [(label, k, i, s) for i in chunk for s in spec.seeds]
             fields_path = os.path.join(cache_dir, "fields", f"{slugs[label]}_steps{k}.safetensors")
-            want_fields = k == spec.steps[0] and chunk[0] // spec.batch_prompts == heat_chunk
+            want_fields = (k == spec.steps[0] and chunk[0] // spec.batch_prompts == heat_chunk
+                           and label != spec.reference_label)
             if all(key in done for key in keys) and (not want_fields or os.path.exists(fields_path)):
                 continue
             bar.set_postfix_str(f"{label} K={k} prompts {chunk[0]}-{chunk[-1]}")
             prompts = [spec.prompts[i] for i in chunk for _ in spec.seeds]
-            gens = [torch.Generator(device="cpu").manual_seed(s) for _ in chunk for s in spec.seeds]
+            gens = [torch.Generator(device="cpu").manual_seed(noise_seed(s, i, spec.common_noise))
+                    for i in chunk for s in spec.seeds]
             res, nfe, per_image = _sample_unit(sample_fn, pipe, policies[label], label, k, prompts, gens, spec,
                                                want_fields, cfg)
-            images = list(res.images)
+            pixels = res.images.detach().float().cpu().clamp(0, 1)
+            images = _to_pil(pixels)
             if want_fields:
                 j = (spec.heatmap_prompt - chunk[0]) * len(spec.seeds)
                 _save_fields(fields_path, res.trajectory, j)
-            metrics = {name: _scores(fn, name, images, prompts) for name, fn in rewards.items()}
+            metrics = {name: _scores(fn, name, pixels if hasattr(fn, "raw_scores") else images, prompts)
+                       for name, fn in rewards.items()}
             img_dir = os.path.join("images", slugs[label], f"steps{k}")
             rows = _unit_rows(out, img_dir, keys, images, spec, nfe, per_image, metrics)
             done.update(zip(keys, rows, strict=True))
@@ -239,6 +268,19 @@ def run(
             log.flush()
             os.fsync(log.fileno())
     return _in_order(done, policies, spec)
+
+
+def _steps_of(spec: RunSpec, label: str, k: int) -> int:
+    """The step count a unit of ``label`` runs at: ``k``, or ``reference_steps`` for the reference row."""
+    return spec.reference_steps if label == spec.reference_label else k
+
+
+def _to_pil(pixels: torch.Tensor) -> list:
+    """(N, 3, H, W) floats in [0, 1] -> N RGB PIL images (8-bit, rounded)."""
+    from PIL import Image
+
+    arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
 
 
 RESULT_COLUMNS = ("policy", "steps", "prompt_index", "seed", "prompt", "nfe", "time_s", "image")
@@ -265,7 +307,7 @@ def _sample_unit(sample_fn, pipe, policy, label: str, k: int, prompts: list[str]
     t0 = time.perf_counter()
     try:
         res = sample_fn(pipe, prompts, policy=policy, num_inference_steps=k, height=spec.height,
-                        width=spec.width, generator=gens, output_type="pil", return_trajectory=want_fields,
+                        width=spec.width, generator=gens, output_type="pt", return_trajectory=want_fields,
                         callback=count, **cfg)
     except ValueError as e:  # PolicyError / BackboneError: the user's policy or settings
         raise CompareError(f"policy {label!r} at {k} steps: {e}") from e
@@ -288,12 +330,17 @@ def _unit_rows(out: str, img_dir: str, keys: list[tuple], images: list, spec: Ru
 
 def _in_order(done: dict[tuple, dict], policies: dict[str, Any], spec: RunSpec) -> list[dict]:
     """The comparison's rows, by steps, policy (as given), prompt and seed (as given)."""
-    order = {label: n for n, label in enumerate(policies)}
-    wanted = [(label, k, i, s) for k in spec.steps for label in policies
+    compared = [label for label in policies if label != spec.reference_label]
+    order = {label: n for n, label in enumerate([*compared, spec.reference_label])}
+    wanted = [(label, k, i, s) for k in spec.steps for label in compared
               for i in range(len(spec.prompts)) for s in spec.seeds]
+    if spec.reference_label:  # after every step count's rows
+        wanted += [(spec.reference_label, spec.reference_steps, i, s) for i in range(len(spec.prompts))
+                   for s in spec.seeds]
     rows = [done[key] for key in wanted]
-    rows.sort(key=lambda r: (spec.steps.index(r["steps"]), order[r["policy"]], r["prompt_index"],
-                             spec.seeds.index(r["seed"])))
+    rows.sort(key=lambda r: (r["policy"] == spec.reference_label,
+                             spec.steps.index(r["steps"]) if r["policy"] != spec.reference_label else 0,
+                             order[r["policy"]], r["prompt_index"], spec.seeds.index(r["seed"])))
     return rows
 
 

@@ -179,9 +179,14 @@ def release_lock(output_dir: str) -> None:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """GRPO fields whose value differs between a checkpoint's config and this run's, except those a
-    resumed run may change (:data:`tpm.grpo.config.RESUMABLE_CHANGES`)."""
-    from tpm.grpo.config import RESUMABLE_CHANGES
+    resumed run may change (:data:`tpm.grpo.config.RESUMABLE_CHANGES`). A field added after the
+    checkpoint was written counts as unchanged while it keeps its default (what the old run did)."""
+    import dataclasses
 
+    from tpm.grpo.config import RESUMABLE_CHANGES, GRPOConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k in current and k not in saved}, **saved}
     keys = (set(saved) | set(current)) - set(RESUMABLE_CHANGES)
     return {k: (saved.get(k, "<unset>"), current.get(k, "<unset>")) for k in sorted(keys)
             if saved.get(k, "<unset>") != current.get(k, "<unset>")}

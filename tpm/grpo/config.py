@@ -22,6 +22,7 @@ class GRPOConfigError(ConfigError):
 RATIO_MODES = ("trajectory", "step")
 GROUP_NOISE = ("distinct", "shared")
 ADVANTAGE_SCALES = ("group", "batch")
+ADVANTAGE_BASELINES = ("group", "james_stein")
 LR_SCHEDULES = ("constant", "cosine")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 # Fields a resumed run may change: they decide how long and how visibly it runs, not what it learns.
@@ -85,6 +86,9 @@ class GRPOConfig:
     advantage_scale: str = field(default="group", metadata={
         "help": "'group': divide by each group's std (GRPO, AsyncDiff); 'batch': by one std of the batch's "
                 "group-centred rewards, so groups weigh by how much their rewards differ."})
+    advantage_baseline: str = field(default="group", metadata={
+        "help": "'group': each group's mean (GRPO); 'james_stein': group means shrunk toward the batch mean "
+                "(lower gradient variance when prompts differ little)."})
     # --- bookkeeping --------------------------------------------------------------------------
     eval_every: int = field(default=0, metadata={"help": "Evaluate on held-out prompts every N iterations; 0 = only at the end."})
     eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts used per evaluation (deterministic actions)."})
@@ -131,6 +135,8 @@ class GRPOConfig:
         need(self.group_noise in GROUP_NOISE, f"group_noise must be one of {GROUP_NOISE}, got {self.group_noise!r}")
         need(self.advantage_scale in ADVANTAGE_SCALES,
              f"advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}")
+        need(self.advantage_baseline in ADVANTAGE_BASELINES,
+             f"advantage_baseline must be one of {ADVANTAGE_BASELINES}, got {self.advantage_baseline!r}")
         for name in ("learning_rate", "clip_eps", "adv_eps"):
             v = float(getattr(self, name))
             need(math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v}")

@@ -1,8 +1,9 @@
 """Held-out evaluation for GRPO runs: per-image rewards of any policy on fixed prompts and noises.
 
-Image j of an evaluation starts from the noise seeded by ``seed_for(seed, Stream.EVAL_NOISE, j)``
-whatever the policy, step count or run, so two evaluations on the same prompts are paired image
-by image: a trained policy, its starting point, the synchronous sampler and a fixed baseline are
+Which noises: the evaluation protocol (:mod:`tpm.comparison.protocol`). Image j of noise set s
+starts from the noise seeded by ``noise_seed(s, j)`` whatever the policy, step count or run, so two
+evaluations on the same prompts are paired image by image, and ``tpm compare`` on the same prompts
+and noise sets scores the same images: a trained policy, its starting point, the synchronous sampler and a fixed baseline are
 compared on identical noises. Sampling reuses :func:`tpm.grpo.rollout.rollout` (deterministic
 actions), so a trainable policy is evaluated exactly as it is trained, minus exploration.
 Prompts are split over ``accelerate`` processes and the scores gathered in prompt order.
@@ -18,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpm.comparison.protocol import noise_seeds
 from tpm.grpo.reward import TrainingReward
 from tpm.grpo.rollout import rollout
-from tpm.grpo.seeds import Stream, seed_for
 from tpm.policy import Synchronous
 
 
@@ -39,7 +40,8 @@ class EvalResult:
 
 
 def evaluation_seeds(n: int, seed: int = 0) -> list[int]:
-    return [seed_for(seed, Stream.EVAL_NOISE, j) for j in range(n)]
+    """The noise seeds of prompts ``0 .. n-1`` in noise set ``seed`` (the protocol's :func:`noise_seeds`)."""
+    return noise_seeds(n, seed)
 
 
 @torch.no_grad()

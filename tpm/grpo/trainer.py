@@ -175,6 +175,8 @@ class GRPOTrainer:
         # keep_best: the best held-out summary so far, its iteration and the policy weights then (CPU)
         self.best: dict[str, Any] = {"score": None, "iteration": None}
         self.best_weights: dict[str, torch.Tensor] | None = None
+        # every held-out evaluation: iteration and, per metric, [mean, low, high] (protocol interval over prompts)
+        self.evaluations: list[dict[str, Any]] = []
 
     # ---- output folder and checkpoints -----------------------------------------------------------
     def _prepare_output(self) -> None:
@@ -204,7 +206,7 @@ class GRPOTrainer:
         path = None
         if acc.is_main_process:
             state = {"history": self.history, "config": self.config.to_dict(), "initial_eval": self.initial_eval,
-                     "best": self.best, "run_config": self.run_config}
+                     "best": self.best, "run_config": self.run_config, "evaluations": self.evaluations}
             path = ckpt.save_checkpoint(self.config.output_dir, self.iteration, self.policy, self.reference,
                                         self.optimizer, self.scheduler, state, self.config.keep_checkpoints,
                                         best=self.best_weights)
@@ -218,6 +220,7 @@ class GRPOTrainer:
         self.initial_eval = state.get("initial_eval")
         self.best = state.get("best") or {"score": None, "iteration": None}
         self.best_weights = ckpt.load_best(path)
+        self.evaluations = list(state.get("evaluations") or [])
 
     # ---- one iteration ---------------------------------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[str]:
@@ -393,7 +396,7 @@ class GRPOTrainer:
             logger.warning("iteration %d: the reward returned %d non-finite score(s); iteration skipped", it, bad)
             record.update({"skipped": 1.0, "reward/nonfinite": float(bad)})
         else:
-            adv = group_advantages(total, cfg.group_size, cfg.adv_eps, cfg.advantage_scale)
+            adv = group_advantages(total, cfg.group_size, cfg.adv_eps, cfg.advantage_scale, cfg.advantage_baseline)
             lo = self.accelerator.process_index * self.local_batch
             record.update({"skipped": 0.0, "reward/total": float(total.mean()), **advantage_stats(adv)})
             actions = {k: self._gather(v.flatten(1)).view(-1, *v.shape[1:]) for k, v in batch.actions.items()}
@@ -426,6 +429,11 @@ class GRPOTrainer:
         if result is None:
             return None
         means = result.means()
+        from tpm.comparison.protocol import mean_interval, rounded
+
+        self.evaluations = [e for e in self.evaluations if e["iteration"] != step]  # the final one may repeat
+        self.evaluations.append({"iteration": step, **{k: rounded(mean_interval(v), 5)
+                                                       for k, v in result.metrics.items()}})
         if self.config.keep_best:
             score = self.reward.summarise({k: float(np.mean(v)) for k, v in result.metrics.items()})
             if self.best["score"] is None or score > self.best["score"]:
@@ -507,7 +515,8 @@ class GRPOTrainer:
             with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
                 json.dump({"iterations": self.iteration, "processes": acc.num_processes,
                            "initial_eval": self.initial_eval, "final_eval": final,
-                           "best": self.best if cfg.keep_best else None, "config": cfg.to_dict()}, f, indent=2)
+                           "best": self.best if cfg.keep_best else None, "evaluations": self.evaluations,
+                           "config": cfg.to_dict()}, f, indent=2)
         acc.wait_for_everyone()
         if end:
             acc.end_training()
