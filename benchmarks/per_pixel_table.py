@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--headroom", default="", help="per_pixel_headroom output folder (oracle bounds)")
     ap.add_argument("--best", default="4=shifted_grid:shift=3.0,20=dm_concave",
                     help="steps=spec of the best fixed table, chosen on val")
-    ap.add_argument("--labels", default="", help="';'-separated spec=label (rows without a label are left out)")
+    ap.add_argument("--labels", default="", help="';'-separated spec=label (split at the last '=', so a label holds no '='; rows without a label are left out)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     fixed = _load(args.fixed, "per_pixel_study.json")
