@@ -190,3 +190,57 @@ def test_keep_best_exports_the_best_evaluation(flux_pipe, tmp_path):
     assert (tmp_path / "policy_last" / "model.safetensors").is_file()
     with pytest.raises(GRPOConfigError, match="keep_best selects on held-out evaluations"):
         GRPOConfig(keep_best=True, eval_prompts=0)
+
+
+def test_weight_average_is_evaluated_and_exported(flux_pipe, tmp_path):
+    # ema_decay 0.5 by hand: a_0 = w_0, a_t = (a_{t-1} + w_t) / 2 after each iteration's update. Evaluations
+    # must see a_t, the export is the final average, the checkpoint keeps the raw weights.
+    from safetensors.torch import load_file
+
+    tr = make_trainer(flux_pipe, tmp_path, max_iterations=3, ema_decay=0.5, eval_prompts=2, eval_every=1)
+    tr.eval_prompts = PROMPTS[:2]
+    raw = [params(tr.policy)]
+    update = tr.update
+
+    def record_update(*args):
+        out = update(*args)
+        raw.append(params(tr.policy))
+        return out
+
+    seen = {}
+    log_eval = tr._log_eval
+
+    def record_eval(result, step):
+        seen[step] = params(tr.policy)
+        return log_eval(result, step)
+
+    tr.update, tr._log_eval = record_update, record_eval
+    tr.train()
+    avg = [raw[0]]
+    for w in raw[1:]:
+        avg.append({k: (avg[-1][k] + w[k]) / 2 for k in w})
+    assert all(not torch.equal(raw[3][k], avg[3][k]) for k in raw[3])  # the average is not the last step
+    for step in range(4):
+        assert all(torch.allclose(seen[step][k], avg[step][k], atol=1e-7) for k in avg[step]), step
+    exported = load_file(str(tmp_path / "policy" / "model.safetensors"))
+    assert all(torch.allclose(exported[k], avg[3][k], atol=1e-7) for k in avg[3])
+    last = load_file(str(tmp_path / "checkpoints" / "checkpoint-000003" / "policy" / "model.safetensors"))
+    assert all(torch.equal(last[k], raw[3][k]) for k in raw[3])
+    with pytest.raises(GRPOConfigError, match="ema_decay must be in"):
+        GRPOConfig(ema_decay=1.0)
+
+
+def test_resume_with_a_weight_average(flux_pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    make_trainer(flux_pipe, tmp_path / "a", max_iterations=3, ema_decay=0.9).train()
+    make_trainer(flux_pipe, tmp_path / "b", max_iterations=2, ema_decay=0.9).train()
+    make_trainer(flux_pipe, tmp_path / "b", max_iterations=3, ema_decay=0.9, resume=True).train()
+    a = load_file(str(tmp_path / "a" / "policy" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "policy" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint written without an average cannot continue one
+    make_trainer(flux_pipe, tmp_path / "c", max_iterations=1).train()
+    with pytest.raises(GRPOConfigError, match="no weight average"):
+        make_trainer(flux_pipe, tmp_path / "c", max_iterations=2, ema_decay=0.9, resume=True,
+                     accept_config_changes=True).train()

@@ -236,10 +236,12 @@ def preflight(config: GRPOConfig, run_config: dict[str, Any] | None = None, *, m
 
 
 BEST_WEIGHTS = "best_policy.safetensors"
+EMA_WEIGHTS = "ema_policy.safetensors"
 
 
 def save_checkpoint(output_dir: str, iteration: int, policy, reference, optimizer, scheduler,
-                    state: dict[str, Any], keep: int, best: dict[str, torch.Tensor] | None = None) -> str:
+                    state: dict[str, Any], keep: int, best: dict[str, torch.Tensor] | None = None,
+                    ema: dict[str, torch.Tensor] | None = None) -> str:
     """Write ``checkpoint-<iteration>`` atomically and keep the newest ``keep``; returns its path.
 
     ``state`` is JSON-able trainer state (history, evaluations); the iteration and the RNG states
@@ -258,6 +260,10 @@ def save_checkpoint(output_dir: str, iteration: int, policy, reference, optimize
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in best.items()}, os.path.join(tmp, BEST_WEIGHTS))
+    if ema is not None:  # the moving average of the weights (ema_decay)
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, os.path.join(tmp, EMA_WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, os.path.join(tmp, TRAINING_STATE))
     full = {**state, "iteration": iteration, "python_rng": _jsonable(random.getstate()),
@@ -297,10 +303,19 @@ def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
 
 def load_best(path: str) -> dict[str, torch.Tensor] | None:
     """The keep_best candidate's weights stored in a checkpoint (CPU), or None."""
+    return _load_weights(path, BEST_WEIGHTS)
+
+
+def load_ema(path: str) -> dict[str, torch.Tensor] | None:
+    """The moving average of the weights stored in a checkpoint (CPU), or None."""
+    return _load_weights(path, EMA_WEIGHTS)
+
+
+def _load_weights(path: str, name: str) -> dict[str, torch.Tensor] | None:
     from safetensors.torch import load_file
 
-    best = os.path.join(path, BEST_WEIGHTS)
-    return load_file(best) if os.path.isfile(best) else None
+    file = os.path.join(path, name)
+    return load_file(file) if os.path.isfile(file) else None
 
 
 def load_checkpoint(path: str, policy, reference, optimizer, scheduler, device) -> dict[str, Any]:

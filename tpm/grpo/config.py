@@ -89,6 +89,10 @@ class GRPOConfig:
     advantage_baseline: str = field(default="group", metadata={
         "help": "'group': each group's mean (GRPO); 'james_stein': group means shrunk toward the batch mean "
                 "(lower gradient variance when prompts differ little)."})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "Keep an exponential moving average of the policy weights, updated after every iteration with "
+                "this decay (0.99: about the last 100 iterations); evaluations, keep_best and the exported "
+                "policy then use the average instead of the last noisy step. 0 disables it."})
     # --- bookkeeping --------------------------------------------------------------------------
     eval_every: int = field(default=0, metadata={"help": "Evaluate on held-out prompts every N iterations; 0 = only at the end."})
     eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts used per evaluation (deterministic actions)."})
@@ -143,6 +147,7 @@ class GRPOConfig:
         for name in ("weight_decay", "max_grad_norm", "kl_coef"):
             v = float(getattr(self, name))
             need(math.isfinite(v) and v >= 0, f"{name} must be a number >= 0, got {v}")
+        need(0.0 <= float(self.ema_decay) < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(not (self.resume is not None and self.overwrite), "resume and overwrite exclude each other: pick one")
         need(not self.keep_best or self.eval_prompts > 0,
              "keep_best selects on held-out evaluations: set eval_prompts > 0 (and eval_every)")

@@ -23,6 +23,10 @@ It uses only the :class:`tpm.policy.TrainablePolicy` contract of the policy: ``e
   wrapper would need; identical start weights (broadcast from process 0) and identical reduced
   gradients keep the processes' weights identical. Only the main process takes the run folder's
   lock and writes files.
+- ``ema_decay`` keeps an exponential moving average of the trainable weights (Polyak averaging), one
+  ``lerp`` per iteration, written by hand because it must live in the checkpoint as safetensors for an
+  exact resume; evaluations, ``keep_best`` and the export see the average, which smooths the noisy
+  walk that GRPO on a small reward takes between evaluations.
 - With the policy, optimizer, scheduler and RNG states restored, ``resume`` continues exactly as the
   uninterrupted run would have, because every draw is seeded from its own coordinates.
 """
@@ -34,7 +38,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,9 +166,13 @@ class GRPOTrainer:
         for p in pipe.components.values() if hasattr(pipe, "components") else []:
             if isinstance(p, torch.nn.Module):
                 p.requires_grad_(False)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.named_params = {k: p for k, p in self.policy.named_parameters() if p.requires_grad}
+        self.params = list(self.named_params.values())
         if not self.params:
             raise GRPOConfigError(f"{type(policy).__name__} has no trainable parameters")
+        # ema_decay: the moving average of the trainable weights (None: off)
+        self.ema: dict[str, torch.Tensor] | None = (
+            {k: p.detach().clone() for k, p in self.named_params.items()} if config.ema_decay > 0 else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(config, it))
         self.reference = None
@@ -209,7 +218,7 @@ class GRPOTrainer:
                      "best": self.best, "run_config": self.run_config, "evaluations": self.evaluations}
             path = ckpt.save_checkpoint(self.config.output_dir, self.iteration, self.policy, self.reference,
                                         self.optimizer, self.scheduler, state, self.config.keep_checkpoints,
-                                        best=self.best_weights)
+                                        best=self.best_weights, ema=self.ema)
         acc.wait_for_everyone()
         return path
 
@@ -220,6 +229,12 @@ class GRPOTrainer:
         self.initial_eval = state.get("initial_eval")
         self.best = state.get("best") or {"score": None, "iteration": None}
         self.best_weights = ckpt.load_best(path)
+        if self.ema is not None:
+            ema = ckpt.load_ema(path)
+            if ema is None:
+                raise GRPOConfigError(f"{path} holds no weight average (ema_decay was 0 when it was written); "
+                                      "resume with ema_decay: 0 or start a new run")
+            self.ema = {k: ema[k].to(self.device) for k in self.named_params}
         self.evaluations = list(state.get("evaluations") or [])
 
     # ---- one iteration ---------------------------------------------------------------------------
@@ -402,6 +417,7 @@ class GRPOTrainer:
             actions = {k: self._gather(v.flatten(1)).view(-1, *v.shape[1:]) for k, v in batch.actions.items()}
             record.update(self.policy.decision_stats(actions))
             record.update(self.update(batch, adv[lo:lo + self.local_batch], it))
+            self._update_average()
             self.scheduler.step()  # the schedule counts iterations that updated the policy
         record["lr"] = float(self.scheduler.get_last_lr()[0])
         record["bytes_per_sample_step"] = batch.stored_bytes() / max(1, len(batch) * batch.num_decisions)
@@ -409,6 +425,33 @@ class GRPOTrainer:
         self.history.append(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "iteration"}, step=it)
         return record
+
+    # ---- weight average (ema_decay) --------------------------------------------------------------
+    def _update_average(self) -> None:
+        """ema <- ema + (1 - decay) (weights - ema), once per iteration that updated the policy."""
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for k, p in self.named_params.items():
+                self.ema[k].lerp_(p.detach(), 1.0 - self.config.ema_decay)
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Inside, the policy holds the averaged weights (ema_decay); the trained ones are put back after.
+        Without an average it changes nothing."""
+        if self.ema is None:
+            yield
+            return
+        with torch.no_grad():
+            raw = {k: p.detach().clone() for k, p in self.named_params.items()}
+            for k, p in self.named_params.items():
+                p.copy_(self.ema[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.named_params.items():
+                    p.copy_(raw[k])
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, prompts: Sequence[str] | None = None, policy: Any = "trained", *, seed: int = 0,
@@ -485,7 +528,8 @@ class GRPOTrainer:
                                           if isinstance(v, (int, float, str, bool))})
         keep = 16
         if self.eval_prompts and self.iteration == 0:
-            self.initial_eval = self._log_eval(self.evaluate(keep_images=keep), 0)
+            with self.averaged():
+                self.initial_eval = self._log_eval(self.evaluate(keep_images=keep), 0)
         bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc="GRPO",
                    disable=not (cfg.progress and acc.is_main_process))
         while self.iteration < cfg.max_iterations:
@@ -496,10 +540,15 @@ class GRPOTrainer:
             bar.set_postfix(reward=rec.get("reward/total", math.nan), skipped=int(rec["skipped"]))
             done = self.iteration == cfg.max_iterations
             if cfg.eval_every and self.iteration % cfg.eval_every == 0 and not done and self.eval_prompts:
-                self._log_eval(self.evaluate(keep_images=keep), self.iteration)
+                with self.averaged():
+                    self._log_eval(self.evaluate(keep_images=keep), self.iteration)
             if (cfg.save_every and self.iteration % cfg.save_every == 0) or done:
                 self.save_checkpoint()
         bar.close()
+        if self.ema is not None:  # from here on the run's policy is the average (the raw weights stay in checkpoints)
+            with torch.no_grad():
+                for k, p in self.named_params.items():
+                    p.copy_(self.ema[k])
         final = self._log_eval(self.evaluate(keep_images=keep), self.iteration)
         policy_dir = os.path.join(cfg.output_dir, "policy")
         acc.wait_for_everyone()
