@@ -33,8 +33,8 @@ OLD_FLUX_DEFAULTS = RecipeConfig(
     },
     reference_steps=20,
     grpo=GRPOConfig(
-        output_dir="outputs/grpo_flux", max_iterations=800, group_size=16, batch_size=64, group_noise="shared",
-        rollout_batch_size=64, minibatch_size=32, epochs=1, learning_rate=3e-4, num_inference_steps=3,
+        output_dir="outputs/grpo_flux", max_iterations=800, group_size=8, batch_size=64, group_noise="shared",
+        rollout_batch_size=64, minibatch_size=32, epochs=1, learning_rate=3e-4, ema_decay=0.99, num_inference_steps=3,
         eval_prompts=352, eval_noise_sets=2, eval_every=200, keep_best=True, save_every=100,
     ),
 )
@@ -91,7 +91,7 @@ def test_every_field_is_a_flag():
             "--epochs", "2", "--learning-rate", "1e-4", "--weight-decay", "0.1", "--warmup-iterations", "1",
             "--lr-schedule", "cosine", "--max-grad-norm", "0", "--clip-eps", "0.1", "--ratio", "step",
             "--kl-coef", "0.5", "--adv-eps", "1e-3", "--advantage-scale", "batch", "--advantage-baseline", "james_stein",
-            "--eval-every", "2",
+            "--ema-decay", "0.9", "--eval-every", "2",
             "--grpo.eval_prompts", "5", "--eval-noise-sets", "3", "--keep-best", "false", "--save-every", "0",
             "--keep-checkpoints", "4", "--progress", "no"]
     cfg = parse_args(args)
@@ -111,7 +111,7 @@ def test_every_field_is_a_flag():
     assert g.learning_rate == 1e-4 and isinstance(g.learning_rate, float) and g.weight_decay == 0.1
     assert (g.warmup_iterations, g.lr_schedule, g.max_grad_norm, g.clip_eps, g.ratio) == (1, "cosine", 0.0, 0.1, "step")
     assert (g.kl_coef, g.adv_eps, g.advantage_scale, g.eval_every, g.eval_prompts) == (0.5, 1e-3, "batch", 2, 5)
-    assert g.advantage_baseline == "james_stein"
+    assert g.advantage_baseline == "james_stein" and g.ema_decay == 0.9
     assert (g.eval_noise_sets, g.keep_best, g.save_every, g.keep_checkpoints, g.progress) == (3, False, 0, 4, False)
     # every field of both dataclasses was set above (resume / overwrite exclude each other: checked apart)
     named = {a.lstrip("-").replace("-", "_").removeprefix("grpo.") for a in args if a.startswith("--")}
@@ -142,7 +142,7 @@ def test_yaml_values_are_typed(tmp_path):
     ("grpo: {save_every: 2.5}\n", r"grpo\.save_every must be an integer, got 2\.5"),
     ("grpo: {batch_size: sixteen}\n", r"grpo\.batch_size must be an integer, got 'sixteen'"),
     ("grpo: {keep_best: maybe}\n", r"grpo\.keep_best must be true or false"),
-    ("grpo: {batch_size: 24}\n", r"batch_size \(24\) must be a multiple of group_size \(16\)"),
+    ("grpo: {batch_size: 20}\n", r"batch_size \(20\) must be a multiple of group_size \(8\)"),
     ("grpo: {height: -32}\n", r"height must be a positive number of pixels"),
     ("grpo: {report_to: tensorbord}\n", r"report_to must name trackers"),
     ("grpo: [1, 2]\n", r"grpo must be a mapping of GRPOConfig fields"),
