@@ -11,7 +11,8 @@ testbed's verifier and fidelity scores, a fixed combination). At each step count
 - **per-prompt oracle**: for each prompt the table that scored best on the *choose* noise sets,
   scored on the *score* noise sets, against the single table that was best on average on the
   choose sets (also scored on the score sets). "Hindsight" picks per prompt on the score sets
-  themselves: an upper bound no predictor reaches;
+  themselves: an upper bound no prompt-level predictor reaches; "per-sample hindsight" picks per
+  (prompt, noise): a bound for any policy that chooses among the tables from the prompt and its noise;
 - **per-pixel oracle**: AsynDM's concave schedule (Prop. 1) on the tokens of the objects that the
   verifier detects in the synchronous 20-step image of the *same* noise (a ground-truth mask,
   known only with hindsight), against synchronous, DM_concave (every token on the concave
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         best = names[int(A.mean(1).argmax())]
         per_prompt = B[A.argmax(0), np.arange(B.shape[1])]
         hindsight = B.max(0)
+        per_sample = np.stack([table_scores[t][len(choose):] for t in names]).max(0).mean(0)  # (N,)
         sync = b["synchronous"] if "synchronous" in b else scorer.scores(lambda lo, hi: None, k, score).mean(0)
 
         def user_policy(s):
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
             "best_table": best, "synchronous": round(float(sync.mean()), 4),
             "per_prompt_oracle_minus_best_table": _paired(per_prompt, b[best]),
             "per_prompt_hindsight_minus_best_table": _paired(hindsight, b[best]),
+            "per_sample_hindsight_minus_best_table": _paired(per_sample, b[best]),
             "per_pixel_oracle": round(float(oracle_pixel.mean()), 4),
             "per_pixel_oracle_minus_synchronous": _paired(oracle_pixel, sync),
             "per_pixel_oracle_minus_dm_concave": _paired(oracle_pixel, dm),
@@ -172,12 +176,13 @@ def markdown(r: dict) -> str:
     f = "{:+.4f} [{:+.4f}, {:+.4f}]".format
     lines = [f"{r['model']}, {r['prompts']} ({r['n_prompts']} prompts); reward {r['reward']}; per-prompt choice on "
              f"noise sets {r['choose_sets']}, every row scored on {r['score_sets']}; mask fraction {r['mask_fraction']}",
-             "", "| steps | best table | per-prompt oracle - best | hindsight - best | per-pixel oracle - sync | "
-             "per-pixel oracle - dm_concave | per-pixel oracle - best table | asyndm - sync |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| steps | best table | per-prompt oracle - best | hindsight - best | per-sample hindsight - best | "
+             "per-pixel oracle - sync | per-pixel oracle - dm_concave | per-pixel oracle - best table | asyndm - sync |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, v in r["steps"].items():
         lines.append(f"| {k} | {v['best_table']} ({v['tables'][v['best_table']]:.4f}) | "
                      f"{f(*v['per_prompt_oracle_minus_best_table'])} | {f(*v['per_prompt_hindsight_minus_best_table'])} | "
+                     f"{f(*v.get('per_sample_hindsight_minus_best_table', [math.nan] * 3))} | "
                      f"{f(*v['per_pixel_oracle_minus_synchronous'])} | {f(*v['per_pixel_oracle_minus_dm_concave'])} | "
                      f"{f(*v['per_pixel_oracle_minus_best_table'])} | {f(*v['asyndm_minus_synchronous'])} |")
     return "\n".join(lines) + "\n"
