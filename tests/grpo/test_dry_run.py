@@ -22,14 +22,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatc
     main(["train", "--dry-run"])
     out = capsys.readouterr().out
     assert "processes:   2 on " in out
-    assert "64 samples per iteration = 4 prompts x groups of 16; 32 per process" in out
+    assert "64 samples per iteration = 8 prompts x groups of 8; 32 per process" in out
     assert "32x32, 16 image + 10 text tokens" in out
     assert "transformer 1.8M" in out and "memory per device (estimate)" in out
     assert "testbed (weight 1): in every process, on cpu" in out
     assert not (tmp_path / "outputs").exists()
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit, match=r"^error: batch_size \(64\) must be divisible by the number of processes "
-                       r"\(3\); set batch_size to a multiple of 48 or launch 2 processes$"):
+                       r"\(3\); set batch_size to a multiple of 24 or launch 2 processes$"):
         main(["train", "--dry-run"])
 
 
