@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
 import numpy as np
@@ -182,7 +181,7 @@ def markdown(r: dict) -> str:
     for k, v in r["steps"].items():
         lines.append(f"| {k} | {v['best_table']} ({v['tables'][v['best_table']]:.4f}) | "
                      f"{f(*v['per_prompt_oracle_minus_best_table'])} | {f(*v['per_prompt_hindsight_minus_best_table'])} | "
-                     f"{f(*v.get('per_sample_hindsight_minus_best_table', [math.nan] * 3))} | "
+                     f"{f(*v['per_sample_hindsight_minus_best_table'])} | "
                      f"{f(*v['per_pixel_oracle_minus_synchronous'])} | {f(*v['per_pixel_oracle_minus_dm_concave'])} | "
                      f"{f(*v['per_pixel_oracle_minus_best_table'])} | {f(*v['asyndm_minus_synchronous'])} |")
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 A run folder holds ``checkpoints/checkpoint-<iteration>/`` (the policy and, with a KL term, its
 frozen reference as ``config.json`` + safetensors; optimizer, scheduler and torch RNG state in a
-``weights_only`` torch file; iteration, history and the Python / NumPy RNG states as JSON),
+``weights_only`` torch file; iteration, history and the Python / NumPy RNG states as JSON; the
+keep_best candidate and the weight average (``ema_decay``) as safetensors files),
 ``policy/`` (the exported result), ``run.json`` and ``logs/``. A checkpoint is written to a
 temporary folder and renamed, which is atomic on one filesystem, so a kill leaves either the old
 or the new checkpoint complete; pruning renames an old checkpoint out of the ``checkpoint-*`` names
@@ -257,13 +258,9 @@ def save_checkpoint(output_dir: str, iteration: int, policy, reference, optimize
     if reference is not None:  # the KL anchor must survive a resume too
         reference.save_pretrained(os.path.join(tmp, "reference"))
     if best is not None:  # keep_best's candidate so far
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in best.items()}, os.path.join(tmp, BEST_WEIGHTS))
+        _save_weights(tmp, BEST_WEIGHTS, best)
     if ema is not None:  # the moving average of the weights (ema_decay)
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, os.path.join(tmp, EMA_WEIGHTS))
+        _save_weights(tmp, EMA_WEIGHTS, ema)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, os.path.join(tmp, TRAINING_STATE))
     full = {**state, "iteration": iteration, "python_rng": _jsonable(random.getstate()),
@@ -309,6 +306,12 @@ def load_best(path: str) -> dict[str, torch.Tensor] | None:
 def load_ema(path: str) -> dict[str, torch.Tensor] | None:
     """The moving average of the weights stored in a checkpoint (CPU), or None."""
     return _load_weights(path, EMA_WEIGHTS)
+
+
+def _save_weights(path: str, name: str, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, os.path.join(path, name))
 
 
 def _load_weights(path: str, name: str) -> dict[str, torch.Tensor] | None:

@@ -442,16 +442,18 @@ class GRPOTrainer:
         if self.ema is None:
             yield
             return
-        with torch.no_grad():
-            raw = {k: p.detach().clone() for k, p in self.named_params.items()}
-            for k, p in self.named_params.items():
-                p.copy_(self.ema[k])
+        raw = {k: p.detach().clone() for k, p in self.named_params.items()}
+        self._set_weights(self.ema)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, p in self.named_params.items():
-                    p.copy_(raw[k])
+            self._set_weights(raw)
+
+    def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy ``weights`` (by parameter name) into the trainable parameters, in place."""
+        with torch.no_grad():
+            for k, p in self.named_params.items():
+                p.copy_(weights[k])
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, prompts: Sequence[str] | None = None, policy: Any = "trained", *, seed: int = 0,
@@ -546,9 +548,7 @@ class GRPOTrainer:
                 self.save_checkpoint()
         bar.close()
         if self.ema is not None:  # from here on the run's policy is the average (the raw weights stay in checkpoints)
-            with torch.no_grad():
-                for k, p in self.named_params.items():
-                    p.copy_(self.ema[k])
+            self._set_weights(self.ema)
         final = self._log_eval(self.evaluate(keep_images=keep), self.iteration)
         policy_dir = os.path.join(cfg.output_dir, "policy")
         acc.wait_for_everyone()
